@@ -1,0 +1,107 @@
+"""The ``distillery`` command line.
+
+Heavy imports (torch, transformers, prefect) happen inside the commands, so ``--help`` is instant.
+User errors (bad config, unknown model, missing artifact, bad input file) print one line and exit 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+STAGES = ("index", "prefixes", "rollout", "train", "evaluate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distillery",
+        description="Distil a tool-using LLM agent into a small model: index → rollouts → LoRA → evaluation.",
+    )
+    parser.add_argument("--home", help="artifact root (default: $DISTILLERY_HOME or ./.distillery)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def stage(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", type=Path, help="YAML profile (default: configs/demo.yaml)")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config field, e.g. --set rollout.limit=4 (repeatable)")
+        return sub
+
+    stage("run", "run the whole pipeline (every stage, cached by artifact id)")
+    stage("index", "build (or reuse) the retrieval index and print its id")
+    stage("prefixes", "build (or reuse) the first-thought prefixes (FTP) of the teacher")
+    rollout = stage("rollout", "generate, grade and store teacher trajectories")
+    rollout.add_argument("--limit", type=int, help="take only the first N questions of each dataset")
+    train = stage("train", "LoRA-fine-tune the student on the filtered trajectories")
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    train.add_argument("--launcher", choices=("inline", "accelerate"), default="inline",
+                       help="inline: in this process; accelerate: `accelerate launch` in a subprocess")
+    train.add_argument("--accelerate-config", type=Path, help="accelerate config (see configs/accelerate/)")
+    evaluate = stage("evaluate", "evaluate baselines and students, sharded; write metrics and a report")
+    evaluate.add_argument("--limit", type=int, help="take only the first N questions of each dataset")
+    evaluate.add_argument("--runner", choices=("threads", "dask"), default=None, help="Prefect task runner")
+    evaluate.add_argument("--address", help="Dask scheduler address for --runner dask, e.g. tcp://host:8786")
+
+    query = commands.add_parser("query", help="run SQL over the artifact catalog (DuckDB)")
+    query.add_argument("sql", help="e.g. \"select * from artifacts\"")
+    query.add_argument("--format", choices=("table", "csv", "json"), default="table")
+
+    artifacts = commands.add_parser("artifacts", help="list artifacts, show one, or its lineage")
+    artifacts.add_argument("action", nargs="?", choices=("list", "show", "lineage"), default="list")
+    artifacts.add_argument("id", nargs="?", help="artifact id (a unique prefix is enough)")
+    artifacts.add_argument("--stage", help="only this stage (for list)")
+
+    serve = stage("serve", "serve the pipeline and stages as Prefect deployments")
+    serve.add_argument("--no-schedule", action="store_true", help="do not activate the re-evaluation schedule")
+
+    sandbox = commands.add_parser("sandbox", help="run actions in the code sandbox and print observations")
+    sandbox_src = sandbox.add_mutually_exclusive_group(required=True)
+    sandbox_src.add_argument("-c", dest="code", help="code of one action")
+    sandbox_src.add_argument("-f", dest="file", type=Path, help="file of actions separated by lines '#---'")
+    sandbox.add_argument("--config", type=Path, help="YAML profile whose sandbox limits apply")
+    sandbox.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sandbox.add_argument("--index", help="index artifact id to back web_search (default: none)")
+
+    retriever = commands.add_parser("retriever", help="the retrieval service")
+    retriever_cmd = retriever.add_subparsers(dest="retriever_command", required=True, metavar="ACTION")
+    retriever_serve = retriever_cmd.add_parser("serve", help="serve an index over HTTP (Search-R1 /retrieve)")
+    retriever_serve.add_argument("--index", required=True, help="index artifact id")
+    retriever_serve.add_argument("--host", default="127.0.0.1")
+    retriever_serve.add_argument("--port", type=int, default=8000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Nothing is ever fetched from a model hub at run time.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if args.home:
+        os.environ["DISTILLERY_HOME"] = str(Path(args.home).resolve())
+    try:
+        from flows import commands
+
+        return commands.dispatch(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # user errors are one line; bugs keep their traceback
+        if args.debug or not _is_user_error(exc):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(exc: Exception) -> bool:
+    """Errors caused by input (files, configs, ids, endpoints), not by a bug in distillery."""
+    from agent_runtime.generation import GenerationError
+
+    return isinstance(exc, (ValueError, FileNotFoundError, GenerationError, NotImplementedError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

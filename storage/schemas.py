@@ -1,0 +1,144 @@
+"""One Arrow schema per table. Writers cast to these; the DuckDB views expose exactly these columns.
+
+A table lives in an artifact folder either as ``<table>.parquet`` or as parts ``<table>/part-*.parquet``.
+JSON-valued columns (``*_json``) hold structured records (messages, candidates, metadata) as text so the
+schemas stay flat and stable across versions.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+PASSAGES = pa.schema([
+    ("id", pa.string()),
+    ("title", pa.string()),
+    ("text", pa.string()),
+])
+
+EPISODES = pa.schema([
+    ("artifact_id", pa.string()),
+    ("dataset", pa.string()),
+    ("question_id", pa.string()),
+    ("sample_index", pa.int32()),
+    ("model", pa.string()),
+    ("method", pa.string()),
+    ("question", pa.string()),
+    ("gold", pa.string()),
+    ("prediction", pa.string()),
+    ("correct", pa.bool_()),
+    ("score", pa.float64()),
+    ("grade_method", pa.string()),
+    ("excluded", pa.bool_()),
+    ("num_steps", pa.int32()),
+    ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()),
+    ("latency_s", pa.float64()),
+    ("error", pa.string()),
+    ("prefix", pa.string()),
+    ("messages_json", pa.string()),
+    ("metadata_json", pa.string()),
+])
+
+STEPS = pa.schema([
+    ("artifact_id", pa.string()),
+    ("dataset", pa.string()),
+    ("question_id", pa.string()),
+    ("sample_index", pa.int32()),
+    ("step", pa.int32()),
+    ("thought", pa.string()),
+    ("code", pa.string()),
+    ("observation", pa.string()),
+    ("error_kind", pa.string()),
+    ("num_candidates", pa.int32()),
+    ("tool_calls", pa.int32()),
+    ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()),
+    ("latency_s", pa.float64()),
+    ("is_final", pa.bool_()),
+    ("assistant", pa.string()),       # the exact assistant message of this step (prefix included)
+    ("observation_message", pa.string()),  # the exact user message fed back after it ("" when final)
+    ("candidates_json", pa.string()),  # SAG: [{"text","observation","error_kind","group"}], "[]" without SAG
+    ("vote_json", pa.string()),        # SAG: {"groups": [...sizes], "winner": i}, "{}" without SAG
+])
+
+PREDICTIONS = pa.schema(
+    [(f.name, f.type) for f in EPISODES]
+    + [
+        ("adapter", pa.string()),
+        ("shard", pa.int32()),
+        ("em", pa.float64()),
+        ("f1", pa.float64()),
+        ("retrieval_calls", pa.int32()),
+        ("parse_errors", pa.int32()),
+        ("exec_errors", pa.int32()),
+        ("level", pa.string()),
+        ("steps_json", pa.string()),
+    ]
+)
+
+METRICS = pa.schema([
+    ("artifact_id", pa.string()),
+    ("model", pa.string()),
+    ("adapter", pa.string()),
+    ("method", pa.string()),
+    ("dataset", pa.string()),
+    ("n", pa.int64()),
+    ("n_excluded", pa.int64()),
+    ("accuracy", pa.float64()),
+    ("em", pa.float64()),
+    ("f1", pa.float64()),
+    ("mean_steps", pa.float64()),
+    ("retrieval_calls", pa.float64()),
+    ("parse_error_rate", pa.float64()),
+    ("exec_error_rate", pa.float64()),
+    ("tokens_per_question", pa.float64()),
+])
+
+LOSSES = pa.schema([
+    ("step", pa.int64()),
+    ("epoch", pa.float64()),
+    ("loss", pa.float64()),
+    ("lr", pa.float64()),
+    ("tokens", pa.int64()),
+])
+
+SFT_EXAMPLES = pa.schema([
+    ("question_id", pa.string()),
+    ("sample_index", pa.int32()),
+    ("dataset", pa.string()),
+    ("kind", pa.string()),            # "agent" | "cot"
+    ("messages_json", pa.string()),   # the chat example: system, user, assistant/user turns
+])
+
+# Table name -> schema; the DuckDB catalog creates one view per entry.
+TABLES: dict[str, pa.Schema] = {
+    "passages": PASSAGES,
+    "episodes": EPISODES,
+    "steps": STEPS,
+    "predictions": PREDICTIONS,
+    "metrics": METRICS,
+    "losses": LOSSES,
+    "sft_examples": SFT_EXAMPLES,
+}
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Cast ``table`` to ``schema``: missing nullable columns become nulls, extra columns are an error."""
+    extra = set(table.column_names) - set(schema.names)
+    if extra:
+        raise ValueError(f"columns not in the schema: {sorted(extra)}")
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            columns.append(table.column(field.name).cast(field.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Build a table of ``schema`` from row dicts (unknown keys are an error, missing keys are null)."""
+    extra = {k for row in rows for k in row} - set(schema.names)
+    if extra:
+        raise ValueError(f"fields not in the schema: {sorted(extra)}")
+    return pa.Table.from_pylist(rows, schema=schema)

@@ -1,0 +1,296 @@
+"""The artifact store: versioned, content-addressed stage outputs on disk.
+
+An artifact is the folder ``<root>/<stage>/<id>/``. Its ``manifest.json`` is written last: a folder
+without it is incomplete and is never read (not by the catalog, not by a later stage). Ids are content
+hashes of (stage, config, parent ids, code version), so the same inputs give the same id and a
+finished stage is found instead of re-run. Every file is written atomically (temporary name in the
+same folder, then ``os.replace``), and parts have deterministic names, so a retried writer replaces
+its own file instead of adding a duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.schemas import conform
+
+MANIFEST = "manifest.json"
+TMP_MARK = ".tmp-"
+PACKAGES = ("agent_runtime", "retrieval", "storage", "training", "evaluation", "tasks", "flows")
+
+
+class ArtifactError(ValueError):
+    """An artifact is missing, incomplete or unreadable."""
+
+
+def default_root() -> Path:
+    """The store root: ``$DISTILLERY_HOME`` or ``./.distillery``."""
+    return Path(os.environ.get("DISTILLERY_HOME") or ".distillery")
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """``<package version>+<hash of the project's source>``: code changes give new artifact ids."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        base = version("distillery")
+    except PackageNotFoundError:
+        base = "0.0.0"
+    digest = hashlib.sha256()
+    top = Path(__file__).resolve().parent.parent
+    for package in PACKAGES:
+        for path in sorted((top / package).rglob("*.py")):
+            digest.update(str(path.relative_to(top)).encode())
+            digest.update(path.read_bytes())
+    return f"{base}+{digest.hexdigest()[:12]}"
+
+
+def canonical_json(value) -> str:
+    """Stable JSON for hashing: sorted keys, no whitespace."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def artifact_id(stage: str, config: dict, parents: list[str], version: str | None = None) -> str:
+    """The content hash that names an artifact."""
+    payload = canonical_json({"stage": stage, "config": config, "parents": sorted(parents),
+                              "code": version or code_version()})
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def temp_prefix(name: str) -> str:
+    """Temporary names carry the writer's pid, so cleaning never removes a live writer's file."""
+    return f"{name}{TMP_MARK}{os.getpid()}-"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, value) -> None:
+    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_write_table(path: Path, table: pa.Table, schema: pa.Schema | None = None) -> None:
+    """Write a Parquet file atomically, cast to ``schema`` when given."""
+    if schema is not None:
+        table = conform(table, schema)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Build a folder under a temporary name and rename it into place when the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def part_name(index: int) -> str:
+    """Deterministic part file name, so a retried part replaces itself."""
+    return f"part-{index:05d}.parquet"
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """A small, picklable reference that tasks pass around instead of data."""
+
+    stage: str
+    id: str
+    root: str
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root) / self.stage / self.id
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What a stage will produce: its reference plus the identity (config, parents) that names it."""
+
+    ref: ArtifactRef
+    config: dict
+    parents: tuple[str, ...] = ()
+
+
+@dataclass
+class Artifact:
+    """An artifact being written. ``finish`` writes the manifest, which makes it visible."""
+
+    ref: ArtifactRef
+    config: dict
+    parents: list[str]
+    row_counts: dict[str, int] = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return self.ref.path
+
+    def write_table(self, name: str, table: pa.Table, schema: pa.Schema, part: int | None = None) -> Path:
+        """Write ``<name>.parquet`` (or part ``part`` of ``<name>/``) atomically, cast to ``schema``."""
+        target = self.path / f"{name}.parquet" if part is None else self.path / name / part_name(part)
+        atomic_write_table(target, table, schema)
+        return target
+
+    def finish(self, row_counts: dict[str, int] | None = None, metrics: dict | None = None) -> ArtifactRef:
+        self.row_counts.update(row_counts or {})
+        self.metrics.update(metrics or {})
+        manifest = {
+            "stage": self.ref.stage, "id": self.ref.id, "config": self.config, "parents": self.parents,
+            "code_version": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "row_counts": self.row_counts, "metrics": self.metrics,
+        }
+        atomic_write_json(self.path / MANIFEST, manifest)
+        return self.ref
+
+
+class ArtifactStore:
+    """Artifacts under one root folder."""
+
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root) if root is not None else default_root()
+
+    def ref(self, stage: str, id_: str) -> ArtifactRef:
+        return ArtifactRef(stage, id_, str(self.root.resolve()))
+
+    def plan(self, stage: str, config: dict, parents: list[str]) -> ArtifactRef:
+        """The reference an artifact with these inputs has (whether or not it exists yet)."""
+        return self.ref(stage, artifact_id(stage, config, parents))
+
+    def exists(self, ref: ArtifactRef) -> bool:
+        return (ref.path / MANIFEST).is_file()
+
+    def plan_stage(self, stage: str, config: dict, parents: list[str] = ()) -> StagePlan:
+        return StagePlan(self.plan(stage, config, list(parents)), config, tuple(parents))
+
+    def begin(self, stage: str, config: dict, parents: list[str] = ()) -> Artifact:
+        """Start (or resume) writing the artifact for these inputs; its folder keeps finished parts."""
+        return self.open(self.plan_stage(stage, config, parents))
+
+    def open(self, plan: StagePlan) -> Artifact:
+        """Start (or resume) writing a planned artifact; finished parts in its folder are kept."""
+        plan.ref.path.mkdir(parents=True, exist_ok=True)
+        clean_stale_temp(plan.ref.path)
+        return Artifact(plan.ref, plan.config, list(plan.parents))
+
+    def manifest(self, id_or_ref: str | ArtifactRef) -> dict:
+        """The manifest of a complete artifact, by id (any stage) or reference."""
+        path = self.find(id_or_ref) if isinstance(id_or_ref, str) else id_or_ref.path
+        manifest = path / MANIFEST
+        if not manifest.is_file():
+            raise ArtifactError(f"artifact {path.name} in {path.parent} is incomplete (no {MANIFEST})")
+        try:
+            return json.loads(manifest.read_text())
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{manifest}: not valid JSON ({exc})") from exc
+
+    def find(self, id_: str) -> Path:
+        """The folder of the complete artifact whose id is ``id_`` (a unique prefix is enough)."""
+        matches = [p for p in self.root.glob(f"*/{id_}*") if (p / MANIFEST).is_file()]
+        if not matches:
+            raise ArtifactError(f"no complete artifact with id {id_!r} under {self.root}")
+        if len(matches) > 1:
+            raise ArtifactError(f"id prefix {id_!r} is ambiguous: {sorted(p.name for p in matches)}")
+        return matches[0]
+
+    def resolve(self, id_: str) -> ArtifactRef:
+        path = self.find(id_)
+        return self.ref(path.parent.name, path.name)
+
+    def list(self, stage: str | None = None) -> list[dict]:
+        """Manifests of all complete artifacts (of one stage), oldest first."""
+        pattern = f"{stage}/*/{MANIFEST}" if stage else f"*/*/{MANIFEST}"
+        manifests = []
+        for path in self.root.glob(pattern):
+            try:
+                manifests.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError):
+                continue  # a manifest is written atomically; an unreadable one is not ours to guess
+        return sorted(manifests, key=lambda m: (m.get("created", ""), m.get("id", "")))
+
+    def lineage(self, id_: str) -> list[dict]:
+        """The artifact and all its ancestors, nearest first."""
+        seen: dict[str, dict] = {}
+        queue = [self.resolve(id_).id]
+        while queue:
+            current = queue.pop(0)
+            if current in seen:
+                continue
+            seen[current] = self.manifest(current)
+            queue.extend(seen[current].get("parents", []))
+        return list(seen.values())
+
+    def clean_stale(self) -> int:
+        """Remove temporary files left by writers that died; returns how many were removed."""
+        if not self.root.is_dir():
+            return 0
+        return sum(clean_stale_temp(p) for p in self.root.glob("*/*") if p.is_dir())
+
+
+def clean_stale_temp(folder: Path) -> int:
+    """Delete temporary files and folders under ``folder`` whose writer process is gone."""
+    removed = 0
+    for path in folder.rglob(f"*{TMP_MARK}*"):
+        if _writer_alive(path.name):
+            continue
+        try:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def _writer_alive(name: str) -> bool:
+    pid_text = name.split(TMP_MARK, 1)[1].split("-", 1)[0]
+    if not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
