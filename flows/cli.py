@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = stage("serve", "serve the pipeline and stages as Prefect deployments")
     serve.add_argument("--no-schedule", action="store_true", help="do not activate the re-evaluation schedule")
+    serve.add_argument("--pool", help="register the deployments in this process work pool and exit "
+                                      "(run them with `prefect worker start --pool NAME --type process`)")
+    server = stage("server", "start a Prefect server on 127.0.0.1 (database under the artifact root) and serve")
+    server.add_argument("--port", type=int, default=4200, help="port of the server and its UI")
+    server.add_argument("--no-schedule", action="store_true", help="do not activate the re-evaluation schedule")
 
     sandbox = commands.add_parser("sandbox", help="run actions in the code sandbox and print observations")
     sandbox_src = sandbox.add_mutually_exclusive_group(required=True)
@@ -80,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     # Nothing is ever fetched from a model hub at run time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # The ephemeral Prefect server migrates its SQLite database at first start, which can take
+    # longer than Prefect's 20 s default on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     if args.home:
         os.environ["DISTILLERY_HOME"] = str(Path(args.home).resolve())
     try:

@@ -18,7 +18,7 @@ class StageNotBuilt(ValueError):
 def dispatch(args) -> int:
     handler = {
         "query": query, "artifacts": artifacts, "run": run, "index": index, "prefixes": prefixes,
-        "rollout": rollout, "train": train, "evaluate": evaluate, "serve": serve, "sandbox": sandbox,
+        "rollout": rollout, "train": train, "evaluate": evaluate, "serve": serve, "server": server, "sandbox": sandbox,
         "retriever": retriever,
     }[args.command]
     return handler(args)
@@ -43,7 +43,7 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
         return "".join(json.dumps(dict(zip(columns, row)), default=str) + "\n" for row in rows)
     if fmt == "csv":
         buffer = io.StringIO()
-        writer = csv.writer(buffer)
+        writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(columns)
         writer.writerows(rows)
         return buffer.getvalue()
@@ -80,11 +80,32 @@ def artifacts(args) -> int:
 
 # ----------------------------------------------------------------------------- stages
 
-def load(args):
+def load(args, limits: dict | None = None):
+    """The pipeline config of ``--config``/``--set``; ``limits`` adds overrides for options like --limit."""
     from flows.config import PipelineConfig
     from flows.settings import load_config
 
-    return load_config(PipelineConfig, args.config, args.overrides)
+    extra = [f"{key}={value}" for key, value in (limits or {}).items() if value is not None]
+    cfg = load_config(PipelineConfig, args.config, [*args.overrides, *extra])
+    check_models(cfg, args.command)
+    return cfg
+
+
+def check_models(cfg, command: str) -> None:
+    """Resolve the model specs a command will load before any flow starts, so a bad one fails fast."""
+    from storage.models import resolve_embedder, resolve_model
+
+    if command in ("sandbox", "serve"):
+        return
+    resolve_embedder(cfg.index.embedder)
+    if command == "index":
+        return
+    backends = [cfg.teacher] + ([cfg.student] if command in ("train", "evaluate", "run") else [])
+    for backend in backends:
+        if backend.kind in ("transformers", "vllm"):
+            resolve_model(backend.model)
+    if command in ("train", "run", "evaluate"):
+        resolve_model(cfg.train.base_model)
 
 
 def not_built(stage: str) -> int:
@@ -92,35 +113,107 @@ def not_built(stage: str) -> int:
 
 
 def run(args) -> int:
-    return not_built("run")
+    from flows.pipeline import pipeline_flow
+    from flows.summary import print_summary
+
+    results = pipeline_flow(load(args), home=str(store().root))
+    print_summary(store(), results)
+    return 0
 
 
 def index(args) -> int:
-    return not_built("index")
+    from flows.index import index_flow
+
+    print_ref(index_flow(load(args), home=str(store().root)))
+    return 0
 
 
 def prefixes(args) -> int:
-    return not_built("prefixes")
+    from flows.rollout import prefixes_flow
+
+    print_ref(prefixes_flow(load(args), home=str(store().root)))
+    return 0
 
 
 def rollout(args) -> int:
-    return not_built("rollout")
+    from flows.rollout import rollout_flow
+
+    cfg = load(args, limits={"rollout.limit": args.limit})
+    print_ref(rollout_flow(cfg, home=str(store().root)))
+    return 0
 
 
 def train(args) -> int:
-    return not_built("train")
+    from flows.train import train_flow
+
+    if args.launcher == "accelerate" and not args.accelerate_config:
+        raise ValueError("--launcher accelerate needs --accelerate-config PATH (see configs/accelerate/)")
+    config = str(args.accelerate_config.resolve()) if args.launcher == "accelerate" else None
+    adapters = train_flow(load(args), home=str(store().root), resume=args.resume, accelerate_config=config)
+    for ref in adapters.values():
+        print_ref(ref)
+    return 0
 
 
 def evaluate(args) -> int:
-    return not_built("evaluate")
+    from flows.evaluate import evaluate_flow
+    from flows.summary import print_summary
+
+    limits = {"evaluate.limit": args.limit, "evaluate.runner": args.runner, "evaluate.address": args.address}
+    ref = evaluate_flow(load(args, limits=limits), home=str(store().root))
+    print_summary(store(), {"evaluation": ref})
+    return 0
 
 
 def serve(args) -> int:
-    return not_built("serve")
+    from flows.deployments import register_in_pool, serve_deployments
+
+    cfg, home = load(args), str(store().root.resolve())
+    if args.pool:
+        ids = register_in_pool(cfg, home, args.pool, schedule_active=not args.no_schedule)
+        print(f"registered {len(ids)} deployments in work pool {args.pool!r}; "
+              f"run them with: prefect worker start --pool {args.pool} --type process")
+        return 0
+    serve_deployments(cfg, home, schedule_active=not args.no_schedule)
+    return 0
+
+
+def server(args) -> int:
+    from flows.server import run_server, serve_argv
+
+    load(args)  # a bad profile fails here, before the server takes a minute to start
+    return run_server(store().root, args.port, serve_argv(args.config, args.overrides, args.no_schedule))
 
 
 def sandbox(args) -> int:
-    return not_built("sandbox")
+    from agent_runtime.sandbox import run_actions, split_actions
+
+    cfg = load(args)
+    text = args.code if args.code is not None else read_text(args.file)
+    search = open_search(cfg, args.index) if args.index else None
+    results = run_actions(split_actions(text), cfg.sandbox, search=search)
+    for number, result in enumerate(results, 1):
+        status = "final" if result.is_final else result.error_kind
+        print(f"--- action {number} [{status}, {result.duration_s * 1000:.0f} ms, tool calls: {result.tool_calls}]")
+        print(result.observation)
+        if result.is_final:
+            print(f"final_answer: {result.final_answer}")
+    return 0 if all(r.error_kind == "none" for r in results) else 1
+
+
+def read_text(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"actions file not found: {path}")
+    return path.read_text()
+
+
+def open_search(cfg, index_id: str):
+    """A ``web_search(query) -> str`` callable backed by a stored index."""
+    from retrieval.index import load_index
+    from retrieval.retriever import web_search
+
+    retriever = load_index(store().find(index_id), cfg.index.embedder)
+    return lambda query: web_search(retriever, query, k=3)
 
 
 def retriever(args) -> int:

@@ -110,6 +110,21 @@ SFT_EXAMPLES = pa.schema([
     ("messages_json", pa.string()),   # the chat example: system, user, assistant/user turns
 ])
 
+COT_SOLUTIONS = pa.schema([
+    ("artifact_id", pa.string()),
+    ("dataset", pa.string()),
+    ("question_id", pa.string()),
+    ("question", pa.string()),
+    ("gold", pa.string()),
+    ("text", pa.string()),             # the whole CoT solution
+    ("answer", pa.string()),           # the extracted final answer
+    ("correct", pa.bool_()),
+    ("prefix", pa.string()),           # its first step, the FTP prefix ("" when there is none)
+    ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()),
+    ("latency_s", pa.float64()),
+])
+
 # Table name -> schema; the DuckDB catalog creates one view per entry.
 TABLES: dict[str, pa.Schema] = {
     "passages": PASSAGES,
@@ -119,6 +134,7 @@ TABLES: dict[str, pa.Schema] = {
     "metrics": METRICS,
     "losses": LOSSES,
     "sft_examples": SFT_EXAMPLES,
+    "cot_solutions": COT_SOLUTIONS,
 }
 
 

@@ -1,0 +1,51 @@
+"""Teacher CoT solutions: the source of first-thought prefixes (FTP) and of the CoT-distillation data.
+
+The teacher answers each training question with a plain chain-of-thought prompt; the first step
+(first paragraph) of its solution becomes that question's FTP prefix, and the whole solution, when
+correct, is a training example for the CoT-distilled baseline student.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent_runtime.cot import first_step, run_cot
+from agent_runtime.engine import AgentTask
+from evaluation.datasets import Question
+from evaluation.grading import extract_answer, grade
+
+
+class PrefixConfig(BaseModel):
+    """The teacher's CoT pass over the training questions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(False, description="run the CoT pass and start rollouts with its first step (FTP)")
+    max_new_tokens: int = Field(512, ge=1, description="token limit of one CoT solution")
+    temperature: float = Field(0.0, ge=0.0, description="sampling temperature (0 = greedy)")
+    seed: int = Field(0, description="base seed of the per-question seeds")
+    batch_size: int = Field(16, ge=1, description="questions per backend call (progress is reported per batch)")
+
+
+def solve_with_cot(questions: list[Question], kind: str, generator, cfg: PrefixConfig,
+                   on_progress: Callable[[int], None] | None = None) -> list[dict]:
+    """One ``cot_solutions`` row per question: the solution, its graded answer and its first step."""
+    rows = []
+    for start in range(0, len(questions), cfg.batch_size):
+        batch = questions[start:start + cfg.batch_size]
+        tasks = [AgentTask(q.id, q.question) for q in batch]
+        results = run_cot(tasks, generator, cfg.max_new_tokens, cfg.temperature, cfg.seed)
+        for question, result in zip(batch, results):
+            answer = extract_answer(result.text)
+            verdict = grade(answer, question.gold, kind)
+            rows.append({
+                "dataset": question.dataset, "question_id": question.id, "question": question.question,
+                "gold": question.answer, "text": result.text, "answer": answer, "correct": verdict.correct,
+                "prefix": first_step(result.text), "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens, "latency_s": result.latency_s,
+            })
+        if on_progress is not None:
+            on_progress(len(rows))
+    return rows

@@ -1,0 +1,54 @@
+"""The pipeline config: one typed section per stage, loaded from a YAML profile (configs/*.yaml).
+
+Each section is the config model its domain function takes, declared next to that function; this
+module only composes them. Flow parameters are these models, so the Prefect UI renders forms for them.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agent_runtime.backends import BackendConfig
+from agent_runtime.sandbox import SandboxConfig
+from evaluation.evaluate import EvalConfig
+from evaluation.prefixes import PrefixConfig
+from evaluation.rollout import RolloutConfig
+from retrieval.index import IndexConfig
+from tasks.resources import SearchConfig
+from training.data import SftDataConfig
+from training.sft import TrainConfig
+
+
+class CotStudentConfig(BaseModel):
+    """The CoT-distillation baseline: the student trained on the teacher's correct CoT solutions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(False, description="also train (and evaluate) the CoT-distilled student")
+    train: TrainConfig = Field(TrainConfig(), description="its LoRA training settings")
+
+
+class PipelineConfig(BaseModel):
+    """Every stage's settings; ``distillery run`` runs them all, a stage command runs one (and its inputs)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: IndexConfig = Field(IndexConfig(), description="corpus, embedder and FAISS index of web_search")
+    search: SearchConfig = Field(SearchConfig(), description="how agents reach the retriever")
+    sandbox: SandboxConfig = Field(SandboxConfig(), description="limits of the code sandbox")
+    teacher: BackendConfig = Field(BackendConfig(), description="the teacher model and its backend")
+    student: BackendConfig = Field(BackendConfig(), description="the student model and its backend (evaluation)")
+    prefixes: PrefixConfig = Field(PrefixConfig(), description="the teacher's CoT pass (FTP prefixes, CoT data)")
+    rollout: RolloutConfig = Field(RolloutConfig(), description="teacher rollouts over the training questions")
+    sft: SftDataConfig = Field(SftDataConfig(), description="which trajectories become training examples")
+    train: TrainConfig = Field(TrainConfig(), description="LoRA SFT of the agent-distilled student")
+    cot_student: CotStudentConfig = Field(CotStudentConfig(), description="the CoT-distilled baseline student")
+    evaluate: EvalConfig = Field(EvalConfig(), description="held-out evaluation of baselines and students")
+
+    @model_validator(mode="after")
+    def _one_student(self) -> PipelineConfig:
+        for name, train in (("train", self.train), ("cot_student.train", self.cot_student.train)):
+            if train.base_model != self.student.model:
+                raise ValueError(f"{name}.base_model ({train.base_model!r}) must be the student model "
+                                 f"({self.student.model!r}): the adapter is evaluated on top of it")
+        return self

@@ -1,0 +1,152 @@
+"""Prefect deployments: the pipeline, each stage, and the scheduled re-evaluation. CLI: ``distillery serve``.
+
+Every deployment takes the typed ``cfg: PipelineConfig`` (so the Prefect UI renders a form for it,
+prefilled with the served profile) and ``home``, the artifact root. ``reevaluate`` also carries the cron
+schedule of ``cfg.reevaluate``: every night, say, it scores the newest adapter (or the listed ones) on
+the configured benchmarks and publishes the report.
+
+Two ways to run them:
+- ``distillery serve`` registers the deployments and executes their runs in this process's children
+  (``prefect.serve``); against an ephemeral API for a quick look, or the server in ``PREFECT_API_URL``.
+- ``distillery serve --pool NAME`` registers them in the process work pool NAME (created if missing)
+  and returns; ``prefect worker start --pool NAME --type process`` on any machine with distillery
+  installed and the artifact root mounted runs them.
+
+Entrypoints are module paths (``flows.index.index_flow``), so a worker loads the flows from the
+installed package, whatever its working directory.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, serve
+from prefect.artifacts import create_markdown_artifact
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.schedules import Cron
+
+from flows.config import PipelineConfig
+from flows.evaluate import evaluate_flow
+from flows.index import index_flow
+from flows.pipeline import pipeline_flow
+from flows.rollout import prefixes_flow, rollout_flow
+from flows.train import train_flow
+from storage.catalog import read_table
+from storage.store import ArtifactRef, ArtifactStore, default_root
+
+DEPLOYMENT_NAME = "distillery"
+"""Every deployment is ``<flow name>/distillery``, e.g. ``pipeline/distillery``, ``reevaluate/distillery``."""
+
+
+@flow(name="reevaluate", log_prints=True)
+def reevaluate_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = None) -> dict[str, ArtifactRef]:
+    """Evaluate stored adapters (``cfg.reevaluate.adapters``, default: the newest) on the benchmarks.
+
+    Each adapter is evaluated with the ``evaluate`` methods that use its kind of student (agent or CoT),
+    on ``cfg.reevaluate.datasets`` (default: ``cfg.evaluate.datasets``). Returns one ``evals`` artifact
+    per adapter id and publishes a markdown summary keyed ``reevaluate-latest``.
+    """
+    store = ArtifactStore(home or default_root())
+    ids = cfg.reevaluate.adapters or (newest_adapter(store),)
+    results = {}
+    for adapter_id in ids:
+        adapter = store.resolve(adapter_id)
+        if adapter.stage != "adapters":
+            raise ValueError(f"reevaluate.adapters: {adapter_id!r} is a {adapter.stage} artifact, not an adapter")
+        kind = adapter_kind(store, adapter)
+        eval_cfg = reevaluation_config(cfg, kind, store.manifest(adapter)["config"]["train"]["base_model"])
+        results[adapter.id] = evaluate_flow(eval_cfg, home=str(store.root), adapters={kind: adapter})
+    create_markdown_artifact(markdown=summary_markdown(results), key="reevaluate-latest",
+                             description="scheduled re-evaluation of the distilled students")
+    return results
+
+
+def newest_adapter(store: ArtifactStore) -> str:
+    """The id of the most recently finished adapter under the store root."""
+    manifests = store.list("adapters")
+    if not manifests:
+        raise ValueError(f"no complete adapter under {store.root}: train one first (distillery train) "
+                         f"or list adapter ids in reevaluate.adapters")
+    return manifests[-1]["id"]
+
+
+def adapter_kind(store: ArtifactStore, adapter: ArtifactRef) -> str:
+    """'agent' or 'cot': the kind of SFT data the adapter was trained on (its parent's config)."""
+    parents = store.manifest(adapter)["parents"]
+    data = [store.manifest(p) for p in parents]
+    kinds = [m["config"]["kind"] for m in data if m["stage"] == "sft_data"]
+    if len(kinds) != 1:
+        raise ValueError(f"adapter {adapter.id}: expected one sft_data parent, found {parents}")
+    return kinds[0]
+
+
+def reevaluation_config(cfg: PipelineConfig, kind: str, base_model: str) -> PipelineConfig:
+    """``cfg`` narrowed to the methods of the ``kind`` student, on the re-evaluation datasets."""
+    if base_model != cfg.student.model:
+        raise ValueError(f"the adapter was trained on {base_model!r} but student.model is {cfg.student.model!r}; "
+                         f"set student.model to the adapter's base model")
+    methods = tuple(m for m in cfg.evaluate.methods if m.model == f"{kind}_student")
+    if not methods:
+        raise ValueError(f"evaluate.methods has no method with model '{kind}_student' to evaluate a {kind} adapter")
+    datasets = cfg.reevaluate.datasets or cfg.evaluate.datasets
+    return cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"methods": methods,
+                                                                               "datasets": datasets})})
+
+
+def summary_markdown(results: dict[str, ArtifactRef]) -> str:
+    from evaluation.report import table2_markdown
+
+    parts = ["# Re-evaluation\n"]
+    for adapter_id, evaluation in results.items():
+        parts.append(f"## adapter `{adapter_id}` → evals `{evaluation.id}`\n")
+        parts.append(table2_markdown(read_table(evaluation.path, "metrics")) + "\n")
+        parts.append(f"report: `{evaluation.path / 'report.md'}`\n")
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- deployments
+
+def build_deployments(cfg: PipelineConfig, home: str, schedule_active: bool = True) -> list[RunnerDeployment]:
+    """The deployments of the pipeline, each stage and the re-evaluation, with ``cfg``/``home`` as defaults.
+
+    The re-evaluation gets the cron schedule of ``cfg.reevaluate`` when it is enabled; with
+    ``schedule_active=False`` the schedule is registered paused (visible, switchable in the UI).
+    """
+    defaults = {"cfg": cfg.model_dump(mode="json"), "home": home}
+    stages = {
+        pipeline_flow: "every stage: index → rollouts → LoRA → evaluation (cached by artifact id)",
+        index_flow: "build (or reuse) the retrieval index",
+        prefixes_flow: "the teacher's CoT solutions and first-thought prefixes (FTP)",
+        rollout_flow: "graded teacher trajectories over the training questions",
+        train_flow: "LoRA-fine-tune the student on the filtered trajectories",
+        evaluate_flow: "sharded evaluation of baselines and students, metrics and report",
+    }
+    deployments = [
+        stage.to_deployment(name=DEPLOYMENT_NAME, parameters=defaults, description=text,
+                            tags=["distillery", stage.name], entrypoint_type=EntrypointType.MODULE_PATH)
+        for stage, text in stages.items()
+    ]
+    reeval = cfg.reevaluate
+    schedules = [Cron(reeval.cron, timezone=reeval.timezone, active=schedule_active)] if reeval.enabled else []
+    deployments.append(reevaluate_flow.to_deployment(
+        name=DEPLOYMENT_NAME, parameters=defaults, schedules=schedules, tags=["distillery", "reevaluate"],
+        description="evaluate the newest (or listed) adapters on the benchmarks and publish the report",
+        entrypoint_type=EntrypointType.MODULE_PATH))
+    return deployments
+
+
+def serve_deployments(cfg: PipelineConfig, home: str, schedule_active: bool = True) -> None:
+    """Register the deployments and run their flow runs until interrupted (blocks)."""
+    serve(*build_deployments(cfg, home, schedule_active))
+
+
+def register_in_pool(cfg: PipelineConfig, home: str, pool: str, schedule_active: bool = True) -> list[str]:
+    """Register the deployments in the process work pool ``pool`` (created if missing); returns their ids."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        except ObjectAlreadyExists:
+            pass  # a worker (or an earlier registration) made it first
+    return [str(d.apply(work_pool_name=pool)) for d in build_deployments(cfg, home, schedule_active)]

@@ -1,0 +1,86 @@
+"""Flow: sharded evaluation of baselines and students, then metrics and a report. CLI: ``distillery evaluate``.
+
+The shards of every (method, dataset) are mapped over Prefect's task runner: threads locally, a Dask
+cluster with ``evaluate.runner: dask`` (``--runner dask --address tcp://…``), and one process per GPU
+on a multi-GPU machine. Methods that need a distilled student train it first (cached as usual).
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from agent_runtime.backends import BackendConfig
+from flows.config import PipelineConfig
+from flows.index import index_flow
+from flows.plans import plan_evaluate
+from storage.store import ArtifactRef, ArtifactStore, default_root
+from tasks.caching import bind
+from tasks.evaluate import ShardJob, evaluate_shard, finish_evaluation
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = None,
+                  adapters: dict[str, ArtifactRef] | None = None) -> ArtifactRef:
+    """Evaluate ``cfg.evaluate.methods`` on ``cfg.evaluate.datasets``; returns the ``evals`` artifact."""
+    store = ArtifactStore(home or default_root())
+    index = index_flow(cfg, home=str(store.root))
+    needed = {m.model for m in cfg.evaluate.methods} & {"agent_student", "cot_student"}
+    if adapters is None and needed:
+        from flows.train import train_flow
+
+        adapters = train_flow(cfg, home=str(store.root))
+    adapters = {kind: ref for kind, ref in (adapters or {}).items() if f"{kind}_student" in needed}
+    plan = plan_evaluate(store, cfg, index, adapters)
+    if not store.exists(plan.ref):
+        jobs = shard_jobs(cfg, plan.ref, index, adapters)
+        run_shards.with_options(task_runner=task_runner(cfg))(jobs, gpu_count())
+    return bind(finish_evaluation, plan)(plan)
+
+
+@flow(name="evaluate-shards")
+def run_shards(jobs: list[ShardJob], gpus: int = 0) -> list[int]:
+    """Map the shards over this flow's task runner; with GPUs, shard i is pinned to GPU i mod count."""
+    pins = [i % gpus for i in range(len(jobs))] if gpus > 1 else [None] * len(jobs)
+    return evaluate_shard.map(jobs, pins).result()
+
+
+def shard_jobs(cfg: PipelineConfig, eval_ref: ArtifactRef, index: ArtifactRef,
+               adapters: dict[str, ArtifactRef]) -> list[ShardJob]:
+    jobs = []
+    for m, method in enumerate(cfg.evaluate.methods):
+        backend, adapter_id = backend_for(cfg, method.model, adapters)
+        for d in range(len(cfg.evaluate.datasets)):
+            for shard in range(cfg.evaluate.num_shards):
+                jobs.append(ShardJob(eval_ref=eval_ref, cfg=cfg.evaluate, method_index=m, dataset_index=d,
+                                     shard=shard, backend=backend, adapter_id=adapter_id, sandbox=cfg.sandbox,
+                                     index=index, embedder=cfg.index.embedder, search=cfg.search))
+    return jobs
+
+
+def backend_for(cfg: PipelineConfig, model: str, adapters: dict[str, ArtifactRef]) -> tuple[BackendConfig, str | None]:
+    """The backend of a method's model; distilled students are the student plus their adapter."""
+    if model == "teacher":
+        return cfg.teacher, None
+    if model == "student":
+        return cfg.student, None
+    kind = model.removesuffix("_student")
+    if kind not in adapters:
+        raise ValueError(f"method model {model!r} needs a trained {kind} adapter (enable it in the config)")
+    return cfg.student.model_copy(update={"adapter": str(adapters[kind].path / "adapter")}), adapters[kind].id
+
+
+def task_runner(cfg: PipelineConfig):
+    if cfg.evaluate.runner == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise ValueError("evaluate.runner 'dask' needs the dask extra: pip install 'distillery[dask]'") from None
+        return DaskTaskRunner(address=cfg.evaluate.address) if cfg.evaluate.address else DaskTaskRunner()
+    return ThreadPoolTaskRunner(max_workers=cfg.evaluate.max_workers)
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()

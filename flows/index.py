@@ -1,0 +1,23 @@
+"""Flow: build (or reuse) the retrieval index. CLI: ``distillery index``.
+
+The artifact id covers the index config and a fingerprint of the corpus bytes, so a changed corpus
+file gives a new index and an unchanged one is a cache hit (no re-embedding).
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.config import PipelineConfig
+from flows.plans import plan_index
+from storage.store import ArtifactRef, ArtifactStore, default_root
+from tasks.caching import bind
+from tasks.index import build_index
+
+
+@flow(name="index", log_prints=True)
+def index_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = None) -> ArtifactRef:
+    """Build the FAISS index artifact of ``cfg.index`` under ``home`` and return its reference."""
+    store = ArtifactStore(home or default_root())
+    plan = plan_index(store, cfg)
+    return bind(build_index, plan)(plan, cfg.index)

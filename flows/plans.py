@@ -1,0 +1,59 @@
+"""Artifact identities of every stage: what goes into each id (configs, fingerprints, parents).
+
+Kept in one place so a stage command, the pipeline and a deployment all compute the same ids.
+"""
+
+from __future__ import annotations
+
+from evaluation.datasets import dataset_fingerprint
+from evaluation.rollout import with_limit
+from flows.config import PipelineConfig
+from retrieval.corpus import corpus_fingerprint
+from storage.store import ArtifactRef, ArtifactStore, StagePlan
+
+
+def plan_index(store: ArtifactStore, cfg: PipelineConfig) -> StagePlan:
+    identity = {"index": cfg.index.model_dump(mode="json"), "corpus_fingerprint": corpus_fingerprint(cfg.index.corpus)}
+    return store.plan_stage("index", identity)
+
+
+def plan_prefixes(store: ArtifactStore, cfg: PipelineConfig) -> StagePlan:
+    datasets = rollout_datasets(cfg)
+    identity = {"prefixes": cfg.prefixes.model_dump(mode="json"), "teacher": cfg.teacher.model_dump(mode="json"),
+                "datasets": [dataset_fingerprint(d) for d in datasets]}
+    return store.plan_stage("prefixes", identity)
+
+
+def plan_rollout(store: ArtifactStore, cfg: PipelineConfig, index: ArtifactRef,
+                 prefixes: ArtifactRef | None) -> StagePlan:
+    identity = {
+        "rollout": cfg.rollout.model_dump(mode="json"), "teacher": cfg.teacher.model_dump(mode="json"),
+        "sandbox": cfg.sandbox.model_dump(mode="json"), "search": cfg.search.model_dump(mode="json"),
+        "datasets": [dataset_fingerprint(d) for d in rollout_datasets(cfg)],
+    }
+    parents = [index.id] + ([prefixes.id] if prefixes is not None else [])
+    return store.plan_stage("trajectories", identity, parents)
+
+
+def rollout_datasets(cfg: PipelineConfig):
+    return tuple(with_limit(d, cfg.rollout.limit) for d in cfg.rollout.datasets)
+
+
+def plan_sft_data(store: ArtifactStore, cfg: PipelineConfig, source: ArtifactRef, kind: str) -> StagePlan:
+    return store.plan_stage("sft_data", {"sft": cfg.sft.model_dump(mode="json"), "kind": kind}, [source.id])
+
+
+def plan_train(store: ArtifactStore, train_cfg, data: ArtifactRef) -> StagePlan:
+    return store.plan_stage("adapters", {"train": train_cfg.model_dump(mode="json")}, [data.id])
+
+
+def plan_evaluate(store: ArtifactStore, cfg: PipelineConfig, index: ArtifactRef,
+                  adapters: dict[str, ArtifactRef]) -> StagePlan:
+    identity = {
+        "evaluate": cfg.evaluate.model_dump(mode="json"), "student": cfg.student.model_dump(mode="json"),
+        "teacher": cfg.teacher.model_dump(mode="json"), "sandbox": cfg.sandbox.model_dump(mode="json"),
+        "search": cfg.search.model_dump(mode="json"),
+        "datasets": [dataset_fingerprint(with_limit(d, cfg.evaluate.limit)) for d in cfg.evaluate.datasets],
+        "adapters": {kind: ref.id for kind, ref in sorted(adapters.items())},
+    }
+    return store.plan_stage("evals", identity, [index.id, *(ref.id for _, ref in sorted(adapters.items()))])

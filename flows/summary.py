@@ -1,0 +1,28 @@
+"""What ``distillery run``/``evaluate`` print at the end: the metrics table, the report, example queries."""
+
+from __future__ import annotations
+
+from storage.catalog import read_table
+from storage.store import ArtifactStore
+
+EXAMPLE_QUERIES = (
+    "select method, dataset, accuracy from metrics",
+    "select dataset, count(*), avg(correct::int) from episodes group by all",
+    "select step, error_kind, count(*) from steps group by all order by 1, 2",
+    "select stage, id, parents from artifacts",
+)
+
+
+def print_summary(store: ArtifactStore, results: dict) -> None:
+    from evaluation.report import table2_markdown
+
+    for name, ref in results.items():
+        print(f"{name}: {ref.stage}/{ref.id}")
+    evaluation = results.get("evaluation")
+    if evaluation is not None:
+        print()
+        print(table2_markdown(read_table(evaluation.path, "metrics")))
+        print(f"\nreport: {evaluation.path / 'report.md'}")
+    print("\nexplore the artifacts with DuckDB, e.g.:")
+    for sql in EXAMPLE_QUERIES:
+        print(f'  distillery query "{sql}"')

@@ -1,0 +1,27 @@
+"""Prefect UI artifacts: each stage publishes its artifact id, lineage and a query to inspect it."""
+
+from __future__ import annotations
+
+from prefect.artifacts import create_markdown_artifact
+
+from storage.store import ArtifactRef, ArtifactStore
+
+
+def publish_artifact(store: ArtifactStore, ref: ArtifactRef, example_query: str) -> None:
+    """A markdown artifact keyed ``<stage>-latest`` describing ``ref`` (no-op outside a Prefect run)."""
+    from prefect.context import get_run_context
+
+    try:
+        get_run_context()
+    except Exception:  # called from plain Python (tests calling .fn): nothing to publish to
+        return
+    manifest = store.manifest(ref)
+    lineage = " → ".join(f"`{m['stage']}/{m['id']}`" for m in store.lineage(ref.id))
+    counts = ", ".join(f"{k}: {v}" for k, v in manifest.get("row_counts", {}).items()) or "–"
+    sql = example_query.format(id=ref.id)
+    markdown = (
+        f"### {ref.stage} `{ref.id}`\n\n"
+        f"- folder: `{ref.path}`\n- rows: {counts}\n- lineage: {lineage}\n- created: {manifest.get('created')}\n\n"
+        f"Inspect it:\n\n```bash\ndistillery query \"{sql}\"\n```\n"
+    )
+    create_markdown_artifact(markdown=markdown, key=f"{ref.stage}-latest", description=f"{ref.stage} artifact")

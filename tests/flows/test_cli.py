@@ -1,0 +1,77 @@
+"""The command line: fast help, queries, and one-line errors with exit code 2 for bad input."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flows.cli import build_parser, main
+
+COMMANDS = {"run", "index", "prefixes", "rollout", "train", "evaluate", "query", "artifacts", "serve", "sandbox",
+            "retriever"}
+
+
+def cli(*args, home=None):
+    env_home = ["--home", str(home)] if home else []
+    return subprocess.run([sys.executable, "-m", "flows.cli", *env_home, *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_help_lists_every_command_quickly():
+    started = time.perf_counter()
+    result = cli("--help")
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+    assert elapsed < 10  # the budget is 2 s on an idle machine; this guards against heavy imports at start
+    choices = build_parser()._subparsers._group_actions[0].choices
+    assert COMMANDS <= set(choices)
+
+
+def test_query_on_an_empty_home_prints_an_empty_artifacts_table(home, capsys):
+    assert main(["--home", str(home), "query", "select * from artifacts"]) == 0
+    out = capsys.readouterr().out
+    assert "stage" in out and "id" in out and "(0 rows)" in out
+
+
+@pytest.mark.parametrize("fmt, expected", [("csv", "n\n3\n"), ("json", '{"n": 3}\n')])
+def test_query_formats(home, capsys, fmt, expected):
+    assert main(["--home", str(home), "query", "select 3 as n", "--format", fmt]) == 0
+    assert capsys.readouterr().out == expected
+
+
+def test_unknown_set_key_is_one_line_and_exit_2(home):
+    result = cli("index", "--set", "index.no_such_key=1", home=home)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "unknown config key 'index.no_such_key'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_malformed_config_file_names_file_and_line(home, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("index:\n  embedder: [unclosed\n")
+    result = cli("index", "--config", str(bad), home=home)
+    assert result.returncode == 2 and str(bad) in result.stderr and "malformed YAML" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_value_names_the_field(home):
+    result = cli("rollout", "--set", "rollout.num_parts=0", home=home)
+    assert result.returncode == 2 and "rollout.num_parts" in result.stderr
+
+
+def test_unknown_model_spec_is_one_line_and_exit_2(home):
+    result = cli("index", "--set", "index.embedder=no-such-embedder", "--set", "index.corpus.limit=3", home=home)
+    assert result.returncode == 2, result.stderr
+    assert "unknown model spec 'no-such-embedder'" in result.stderr
+    assert "Traceback" not in result.stderr
+    debug = cli("--debug", "index", "--set", "index.embedder=no-such-embedder", "--set", "index.corpus.limit=3",
+                home=home)
+    assert "Traceback" in debug.stderr
+
+
+def test_artifacts_show_of_a_missing_id_is_a_clear_error(home):
+    result = cli("artifacts", "show", "deadbeef", home=home)
+    assert result.returncode == 2 and "no complete artifact with id 'deadbeef'" in result.stderr
