@@ -28,11 +28,15 @@ class Sampling:
     def __post_init__(self) -> None:
         # Checked here once, so a bad value fails at the caller rather than deep inside a backend.
         if self.n < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"Sampling needs n >= 1 and max_new_tokens >= 1, got n={self.n}, "
-                             f"max_new_tokens={self.max_new_tokens}")
+            raise ValueError(
+                f"Sampling needs n >= 1 and max_new_tokens >= 1, got n={self.n}, "
+                f"max_new_tokens={self.max_new_tokens}"
+            )
         if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"Sampling needs temperature >= 0 and 0 < top_p <= 1, got "
-                             f"temperature={self.temperature}, top_p={self.top_p}")
+            raise ValueError(
+                f"Sampling needs temperature >= 0 and 0 < top_p <= 1, got "
+                f"temperature={self.temperature}, top_p={self.top_p}"
+            )
         if any(not s for s in self.stop):
             raise ValueError(f"Sampling.stop holds an empty string: {self.stop!r}")
 

@@ -1,0 +1,82 @@
+"""Model backends behind one protocol (``agent_runtime.generation.Generator``).
+
+``make_generator(BackendConfig(kind=...))`` builds one of: ``transformers`` (in-process, the embedded
+default), ``openai`` (any OpenAI-compatible server), ``vllm`` (in-process ``vllm.LLM``, GPU) or
+``scripted`` (replays completions from a JSON file, for tests). Each backend module is imported only
+when chosen, so importing this package loads neither torch nor vllm.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent_runtime.generation import Generator
+
+
+class BackendConfig(BaseModel):
+    """Which model answers, and how it is run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["transformers", "openai", "vllm", "scripted"] = Field(
+        "transformers",
+        description="backend: in-process transformers, OpenAI-compatible server, vllm.LLM, or scripted",
+    )
+    model: str = Field(
+        "smollm2-135m-instruct",
+        description="resolve_model spec (transformers/vllm), or the served model name (openai)",
+    )
+    adapter: str | None = Field(
+        None, description="path to a PEFT LoRA adapter folder applied on top of the model"
+    )
+    base_url: str | None = Field(
+        None, description="openai: server root including /v1, e.g. http://127.0.0.1:8000/v1"
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="openai: env var holding the API key (may be unset locally)"
+    )
+    timeout_s: float = Field(120.0, gt=0, description="openai: timeout of one HTTP request, seconds")
+    max_retries: int = Field(
+        3, ge=0, description="openai: retries after a failed request (connect error, 429, 5xx)"
+    )
+    concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
+    device: str = Field(
+        "auto", description="transformers: 'auto' (cuda if available, else cpu), 'cpu', 'cuda:0', ..."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="transformers/vllm weights dtype; auto = float32 on CPU, bfloat16 on GPU"
+    )
+    batch_size: int = Field(
+        16, ge=1, description="transformers: max sequences per generate() call (requests x n)"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per model (tensor parallelism)")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vllm: fraction of GPU memory it may take"
+    )
+    max_model_len: int | None = Field(None, ge=1, description="vllm: context length cap (None = the model's)")
+    script: str | None = Field(None, description="scripted: path to the JSON list of completions to replay")
+
+
+def make_generator(cfg: BackendConfig) -> Generator:
+    """Build the backend ``cfg.kind`` names (this loads the model; call ``close()`` when done)."""
+    if cfg.kind == "transformers":
+        from agent_runtime.backends.transformers_backend import TransformersGenerator
+
+        return TransformersGenerator(cfg)
+    elif cfg.kind == "openai":
+        from agent_runtime.backends.openai_backend import OpenAIGenerator
+
+        return OpenAIGenerator(cfg)
+    elif cfg.kind == "vllm":
+        from agent_runtime.backends.vllm_backend import VLLMGenerator
+
+        return VLLMGenerator(cfg)
+    elif cfg.kind == "scripted":
+        from agent_runtime.backends.scripted import ScriptedGenerator
+
+        if cfg.script is None:
+            raise ValueError("backend kind 'scripted' needs `script`: the path of a JSON list of completions")
+        return ScriptedGenerator.from_file(cfg.script)
+    raise ValueError(f"unknown backend kind {cfg.kind!r}")

@@ -1,0 +1,197 @@
+"""OpenAI-compatible backend: a ``vllm serve`` server, a llama.cpp server, or a hosted API, over httpx.
+
+Each (request, sample j) is one HTTP call with ``n=1`` and ``seed=sample_seed(request, sampling, j)``:
+llama.cpp's server ignores ``n``, and one call per sample gives exact per-completion token counts
+(servers that cache prefixes pay little for the repeated prompt). Up to ``concurrency`` calls are in
+flight; a connect error, timeout, 429 or 5xx is retried ``max_retries`` times with exponential backoff
+(0.5 s, 1 s, 2 s, ...), then a ``GenerationError`` names the URL. Other 4xx answers fail at once.
+
+Continuing an assistant prefix (``Request.continue_final``):
+- vLLM servers (``/models`` says ``owned_by: vllm``): chat completions with vLLM's
+  ``continue_final_message=True, add_generation_prompt=False``; the answer holds only the continuation.
+- any other server (llama-cpp-python's server renders a trailing assistant message as a closed turn
+  and opens a new one, so it cannot continue through the chat API): the prompt is rendered here with
+  the model's own chat template and sent to ``/completions``. That needs a local tokenizer:
+  ``cfg.model`` must also be a spec ``storage.models.resolve_model`` finds (e.g. serve the embedded
+  GGUF under the alias ``smollm2-135m-instruct``); otherwise a ``GenerationError`` says so.
+
+Latency: ``latency_s`` is the wall time of the completion's own HTTP call (calls overlap, so the
+latencies of a batch can add up to more than its wall time). ``stop`` is the matched stop string when
+the server reports it (vLLM's ``stop_reason``); llama.cpp does not, so there it is None.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import httpx
+
+from agent_runtime.backends import BackendConfig
+from agent_runtime.generation import (
+    Completion,
+    Generation,
+    GenerationError,
+    Request,
+    Sampling,
+    cut_at_stop,
+    sample_seed,
+)
+
+BACKOFF_S = 0.5  # first retry delay; doubles each retry
+RETRY_STATUSES = {408, 409, 429, 500, 502, 503, 504}
+
+
+class OpenAIGenerator:
+    """``Generator`` over an OpenAI-compatible HTTP endpoint."""
+
+    def __init__(self, cfg: BackendConfig):
+        if cfg.base_url is None:
+            raise GenerationError("the openai backend needs base_url, e.g. http://127.0.0.1:8000/v1")
+        self.cfg = cfg
+        self.name = f"openai:{cfg.model}@{cfg.base_url}"
+        self.base_url = cfg.base_url.rstrip("/")
+        key = os.environ.get(cfg.api_key_env)
+        self._client = httpx.Client(
+            timeout=cfg.timeout_s,
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+            limits=httpx.Limits(max_connections=cfg.concurrency),
+        )
+        self._pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="openai-backend")
+        self._lock = threading.Lock()
+        self._continue_mode: str | None = None  # "chat" (vLLM extension) or "completions"; probed once
+        self._tokenizer = None
+
+    def generate(self, requests: list[Request], sampling: Sampling) -> list[Generation]:
+        """One Generation of ``sampling.n`` completions per request, in order."""
+        for index, request in enumerate(requests):
+            if request.continue_final and (
+                not request.messages or request.messages[-1]["role"] != "assistant"
+            ):
+                raise GenerationError(
+                    f"request {index}: continue_final needs the last message to be an assistant prefix"
+                )
+        futures: dict[tuple[int, int], Future] = {
+            (i, j): self._pool.submit(self._complete, request, sampling, j)
+            for i, request in enumerate(requests)
+            for j in range(sampling.n)
+        }
+        try:
+            done = {key: future.result() for key, future in futures.items()}
+        except BaseException:
+            for future in futures.values():
+                future.cancel()  # calls not started yet are dropped; running ones end on their own
+            raise
+        return [Generation([done[i, j] for j in range(sampling.n)]) for i in range(len(requests))]
+
+    def close(self) -> None:
+        """Stop the worker threads and close the HTTP connections."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._client.close()
+
+    def _complete(self, request: Request, sampling: Sampling, index: int) -> Completion:
+        """One HTTP call for sample ``index`` of ``request``."""
+        body = {
+            "model": self.cfg.model,
+            "max_tokens": sampling.max_new_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "seed": sample_seed(request, sampling, index),
+            "n": 1,
+        }
+        if sampling.stop:
+            body["stop"] = list(sampling.stop)
+        started = time.perf_counter()
+        if request.continue_final and self._continue_through() == "completions":
+            data = self._post("/completions", {**body, "prompt": self._render_prompt(request)})
+            text = data["choices"][0]["text"]
+        else:
+            body["messages"] = request.messages
+            if request.continue_final:  # vLLM's extension: render the last message as an open prefix
+                body.update(continue_final_message=True, add_generation_prompt=False)
+            data = self._post("/chat/completions", body)
+            text = data["choices"][0]["message"]["content"] or ""
+        return _completion(data, text, sampling, time.perf_counter() - started)
+
+    def _post(self, path: str, body: dict) -> dict:
+        """POST with bounded retries; the parsed JSON answer, or a GenerationError naming the URL."""
+        url = self.base_url + path
+        attempts = self.cfg.max_retries + 1
+        for attempt in range(attempts):
+            try:
+                response = self._client.post(url, json=body)
+            except httpx.TransportError as exc:  # refused, DNS, reset, timeout
+                problem = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code == 200:
+                    return response.json()
+                problem = f"HTTP {response.status_code}: {response.text[:500]}"
+                if response.status_code not in RETRY_STATUSES:
+                    raise GenerationError(f"{url} refused the request ({problem})")
+            if attempt + 1 < attempts:
+                time.sleep(BACKOFF_S * 2**attempt)
+        raise GenerationError(
+            f"no answer from {url} after {attempts} attempt(s): {problem}; is the server running at "
+            f"base_url={self.cfg.base_url!r}?"
+        )
+
+    def _continue_through(self) -> str:
+        """How this server continues an assistant prefix: 'chat' (vLLM) or 'completions' (rendered here)."""
+        with self._lock:
+            if self._continue_mode is None:
+                url = self.base_url + "/models"
+                try:
+                    response = self._client.get(url)
+                    response.raise_for_status()
+                    owners = {entry["owned_by"] for entry in response.json()["data"]}
+                except (httpx.HTTPError, KeyError, ValueError) as exc:
+                    raise GenerationError(f"cannot list the models at {url}: {exc}") from exc
+                self._continue_mode = "chat" if "vllm" in owners else "completions"
+            return self._continue_mode
+
+    def _render_prompt(self, request: Request) -> str:
+        """The chat prompt with the last (assistant) message left open, rendered by the local tokenizer."""
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = _local_tokenizer(self.cfg.model, self.base_url)
+        return self._tokenizer.apply_chat_template(
+            request.messages, tokenize=False, add_generation_prompt=False, continue_final_message=True
+        )
+
+
+def _local_tokenizer(model: str, base_url: str):
+    """The tokenizer of ``model`` from local files, or a GenerationError saying why it cannot continue."""
+    from storage.models import ModelNotAvailable, resolve_model
+
+    try:
+        src = resolve_model(model)
+    except ModelNotAvailable as exc:
+        raise GenerationError(
+            f"the server at {base_url} cannot continue an assistant message through its chat API, and no "
+            f"local tokenizer is available to render the prompt for /completions: {exc}"
+        ) from exc
+    from agent_runtime.backends.transformers_backend import load_tokenizer  # imports torch: only when needed
+
+    return load_tokenizer(src)
+
+
+def _completion(data: dict, text: str, sampling: Sampling, latency_s: float) -> Completion:
+    """A Completion from one OpenAI-style answer with a single choice."""
+    choice = data["choices"][0]
+    usage = data.get("usage")
+    if not usage:
+        raise GenerationError(f"the server's answer has no token usage: {str(data)[:300]}")
+    # Servers already cut at the stop string; cutting again is a no-op for them and guards those that don't.
+    text, found = cut_at_stop(text, sampling.stop)
+    reported = choice.get("stop_reason")
+    stop = reported if isinstance(reported, str) and reported in sampling.stop else found
+    return Completion(
+        text=text,
+        prompt_tokens=usage["prompt_tokens"],
+        completion_tokens=usage["completion_tokens"],
+        finish_reason="length" if choice["finish_reason"] == "length" and stop is None else "stop",
+        latency_s=latency_s,
+        stop=stop,
+    )

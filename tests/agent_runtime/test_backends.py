@@ -1,0 +1,419 @@
+"""Model backends: the config, the protocol helpers, the transformers backend on the embedded SmolLM2,
+and the vLLM backend's wiring (against a stand-in ``vllm`` module when the real one is absent)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from dataclasses import dataclass, field
+
+import pytest
+from pydantic import ValidationError
+
+from agent_runtime.backends import BackendConfig, make_generator
+from agent_runtime.generation import Completion, GenerationError, Request, Sampling, cut_at_stop, sample_seed
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def chat(question: str) -> Request:
+    return Request([{"role": "user", "content": question}])
+
+
+# --- config and protocol helpers (no model) ---------------------------------------------------------
+
+
+def test_backend_config_rejects_unknown_fields_and_kinds():
+    assert BackendConfig().kind == "transformers"
+    with pytest.raises(ValidationError):
+        BackendConfig(kind="onnx")
+    with pytest.raises(ValidationError):
+        BackendConfig(temprature=0.3)
+    with pytest.raises(ValidationError):
+        BackendConfig().model = "other"  # frozen
+
+
+def test_scripted_kind_needs_a_script():
+    with pytest.raises(ValueError, match="script"):
+        make_generator(BackendConfig(kind="scripted"))
+
+
+def test_scripted_kind_replays_its_file(tmp_path):
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps(["Thought: done<end_code>"]))
+    generator = make_generator(BackendConfig(kind="scripted", script=str(script)))
+    [generation] = generator.generate([chat("q")], Sampling(stop=("<end_code>",)))
+    assert generation.completions[0].text == "Thought: done"
+
+
+def test_openai_kind_needs_a_base_url():
+    with pytest.raises(GenerationError, match="base_url"):
+        make_generator(BackendConfig(kind="openai"))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"n": 0}, {"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"stop": ("",)}],
+)
+def test_sampling_rejects_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        Sampling(**kwargs)
+
+
+def test_sample_seed_is_stable_and_separates_samples():
+    request, sampling = Request([], seed=7), Sampling(seed=3)
+    seeds = [sample_seed(request, sampling, j) for j in range(4)]
+    assert seeds == [
+        sample_seed(Request([{"role": "user", "content": "x"}], seed=7), Sampling(seed=3), j)
+        for j in range(4)
+    ]  # only the seeds and the index matter
+    assert len(set(seeds)) == 4
+    assert all(0 <= s < 2**31 for s in seeds)
+    assert sample_seed(Request([], seed=8), sampling, 0) != seeds[0]
+    assert sample_seed(request, Sampling(seed=4), 0) != seeds[0]
+
+
+def test_cut_at_stop_takes_the_earliest_stop():
+    assert cut_at_stop("a<end_code>b\nObservation:", ("Observation:", "<end_code>")) == ("a", "<end_code>")
+    assert cut_at_stop("no stop here", ("<end_code>",)) == ("no stop here", None)
+    assert cut_at_stop("abc", ()) == ("abc", None)
+
+
+def test_top_p_filter_keeps_the_smallest_set_reaching_p():
+    torch = pytest.importorskip("torch")
+    from agent_runtime.backends.transformers_backend import top_p_filter
+
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    assert (top_p_filter(probs, 0.7) > 0).tolist() == [[False, True, False, True]]
+    assert (top_p_filter(probs, 0.5) > 0).tolist() == [[False, True, False, False]]
+    assert (top_p_filter(probs, 0.1) > 0).tolist() == [[False, True, False, False]]  # the top token survives
+    assert (top_p_filter(probs, 1.0) > 0).all()
+    assert torch.equal(top_p_filter(probs, 0.7)[0, 1], probs[0, 1])  # kept mass is untouched
+
+
+def test_row_sampler_draws_do_not_depend_on_the_other_rows():
+    torch = pytest.importorskip("torch")
+    from agent_runtime.backends.transformers_backend import RowSampler
+
+    scores = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
+
+    def draws(seeds, rows):
+        sampler = RowSampler(seeds, temperature=1.0, top_p=0.9, device=torch.device("cpu"))
+        return [sampler(None, rows).argmax(dim=-1).tolist() for _ in range(20)]
+
+    alone = draws([11], scores)
+    together = draws([11, 12], torch.cat([scores, scores]))
+    assert [row[0] for row in together] == [row[0] for row in alone]
+    assert [row[1] for row in together] != [row[0] for row in alone]  # another seed, other draws
+    forced = RowSampler([1], 1.0, 1.0, torch.device("cpu"))(None, scores)
+    assert int(torch.isfinite(forced).sum()) == 1  # exactly one token left for greedy to pick
+
+
+def test_left_pad_puts_padding_on_the_left():
+    torch = pytest.importorskip("torch")
+    from agent_runtime.backends.transformers_backend import left_pad
+
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0, device=torch.device("cpu"))
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+# --- the transformers backend on the embedded SmolLM2 ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol():
+    generator = make_generator(
+        BackendConfig(kind="transformers", model="smollm2-135m-instruct", batch_size=8)
+    )
+    yield generator
+    generator.close()
+
+
+@pytest.mark.slow
+def test_greedy_chat_completion_has_counts_and_text(smol):
+    request = chat("What is the capital of France?")
+    [generation] = smol.generate([request], Sampling(max_new_tokens=24))
+    [completion] = generation.completions
+    prompt = smol.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+    assert completion.prompt_tokens == len(smol.tokenizer(prompt, add_special_tokens=False).input_ids)
+    assert "Paris" in completion.text
+    assert "<|im_end|>" not in completion.text and "assistant" not in completion.text[:12]
+    assert 0 < completion.completion_tokens <= 24
+    assert completion.finish_reason in {"stop", "length"}
+    assert completion.latency_s > 0
+
+
+@pytest.mark.slow
+def test_batched_sampling_returns_n_per_request_in_order(smol):
+    requests = [chat("Write a short poem about the sea."), chat("Name three animals.")]
+    sampling = Sampling(n=2, temperature=1.0, top_p=0.95, max_new_tokens=16, seed=5)
+    generations = smol.generate(requests, sampling)
+    assert [len(g.completions) for g in generations] == [2, 2]
+    for generation in generations:
+        first, second = generation.completions
+        assert first.text != second.text  # different per-sample seeds
+        assert first.prompt_tokens == second.prompt_tokens
+    assert generations[0].completions[0].prompt_tokens != generations[1].completions[0].prompt_tokens
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_text_whatever_the_batch(smol):
+    sampling = Sampling(n=2, temperature=0.9, max_new_tokens=10, seed=1)
+    target = Request([{"role": "user", "content": "Tell me a fact about owls."}], seed=42)
+    alone = smol.generate([target], sampling)[0].completions
+    crowded = smol.generate([chat("Say hello in a long sentence, please."), target], sampling)
+    again = crowded[1].completions
+    assert [c.text for c in again] == [c.text for c in alone]
+    reseeded = smol.generate([Request(target.messages, seed=43)], sampling)[0].completions
+    assert [c.text for c in reseeded] != [c.text for c in alone]
+
+
+@pytest.mark.slow
+def test_stop_strings_end_rows_early_and_are_cut(smol):
+    requests = [chat("Describe the weather in three sentences."), chat("List the colours of the rainbow.")]
+    sampling = Sampling(n=1, temperature=0.0, max_new_tokens=48, stop=("e", "a"))
+    for [completion] in (g.completions for g in smol.generate(requests, sampling)):
+        assert completion.finish_reason == "stop"
+        assert completion.stop in {"e", "a"}
+        assert "e" not in completion.text and "a" not in completion.text
+        assert completion.completion_tokens < 10  # stopped at once, not after 48 tokens
+
+
+@pytest.mark.slow
+def test_continue_final_returns_only_the_continuation(smol):
+    prefix = "The capital of France is"
+    request = Request(
+        [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": prefix},
+        ],
+        continue_final=True,
+    )
+    [completion] = smol.generate([request], Sampling(max_new_tokens=8)).pop().completions
+    assert completion.text.startswith(" ")  # continues the word boundary, the prefix is not repeated
+    assert "Paris" in completion.text
+    assert prefix not in completion.text
+    rendered = smol.tokenizer.apply_chat_template(
+        request.messages, tokenize=False, continue_final_message=True
+    )
+    assert rendered.endswith(prefix)
+    assert completion.prompt_tokens == len(smol.tokenizer(rendered, add_special_tokens=False).input_ids)
+
+
+@pytest.mark.slow
+def test_continue_final_needs_an_assistant_prefix(smol):
+    with pytest.raises(GenerationError, match="request 0"):
+        smol.generate([Request([{"role": "user", "content": "hi"}], continue_final=True)], Sampling())
+
+
+@pytest.mark.slow
+def test_greedy_n_repeats_one_decode_and_length_finish(smol):
+    [generation] = smol.generate([chat("Count from one to one hundred.")], Sampling(n=3, max_new_tokens=5))
+    texts = {c.text for c in generation.completions}
+    assert len(generation.completions) == 3 and len(texts) == 1
+    assert all(c.finish_reason == "length" and c.completion_tokens == 5 for c in generation.completions)
+
+
+@pytest.mark.slow
+def test_peft_adapter_is_loaded_and_changes_outputs(smol, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from agent_runtime.backends.transformers_backend import dequantized_folder
+    from storage.models import resolve_model
+
+    base = AutoModelForCausalLM.from_pretrained(
+        dequantized_folder(resolve_model("smollm2-135m-instruct")), dtype=torch.float32
+    )
+    torch.manual_seed(0)
+    # init_lora_weights=False: random A and B, so the adapter really changes the function.
+    lora = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(tmp_path / "adapter")
+
+    tuned = make_generator(BackendConfig(adapter=str(tmp_path / "adapter")))
+    try:
+        base_q = smol.model.model.layers[0].self_attn.q_proj.weight
+        tuned_q = tuned.model.model.layers[0].self_attn.q_proj.weight
+        assert not torch.equal(base_q, tuned_q)  # the LoRA delta is merged into the weights
+        assert torch.equal(
+            smol.model.model.layers[0].mlp.up_proj.weight, tuned.model.model.layers[0].mlp.up_proj.weight
+        )
+        request, sampling = chat("What is the capital of France?"), Sampling(max_new_tokens=12)
+        assert (
+            tuned.generate([request], sampling)[0].completions[0].text
+            != smol.generate([request], sampling)[0].completions[0].text
+        )
+    finally:
+        tuned.close()
+
+
+@pytest.mark.slow
+def test_missing_adapter_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(GenerationError, match="adapter_config.json"):
+        make_generator(BackendConfig(adapter=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_dequantized_cache_matches_the_gguf(smol):
+    """The cached safetensors folder must be the same model and tokenizer as loading the GGUF directly."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from storage.models import resolve_model
+
+    src = resolve_model("smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
+    assert smol.tokenizer.chat_template == tokenizer.chat_template
+    assert smol.tokenizer.eos_token == tokenizer.eos_token and smol.tokenizer.pad_token == tokenizer.pad_token
+    text = "<|im_start|>user\nHello there, how are you?<|im_end|>\n"
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert ids.tolist() == smol.tokenizer(text, return_tensors="pt").input_ids.tolist()
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, smol.model(ids).logits)
+
+
+# --- vLLM -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vllm is installed")
+def test_vllm_backend_without_vllm_says_how_to_install():
+    with pytest.raises(GenerationError, match="pip install 'distillery\\[gpu\\]'"):
+        make_generator(BackendConfig(kind="vllm"))
+
+
+def test_lora_rank_limit_rounds_up_to_a_vllm_value(tmp_path):
+    from agent_runtime.backends.vllm_backend import lora_rank_limit
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    assert lora_rank_limit(tmp_path) == 8
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 64}))
+    assert lora_rank_limit(tmp_path) == 64
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 1024}))
+    with pytest.raises(GenerationError, match="1024"):
+        lora_rank_limit(tmp_path)
+
+
+@dataclass
+class FakeSequence:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stop_reason: object
+
+
+@dataclass
+class FakeOutput:
+    prompt_token_ids: list[int]
+    outputs: list[FakeSequence] = field(default_factory=list)
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """A stand-in ``vllm`` package recording what the backend passes to it (used when vllm is absent)."""
+    from transformers import AutoTokenizer
+
+    calls: dict = {}
+
+    class LLM:
+        def __init__(self, **kwargs):
+            calls["init"] = kwargs
+            self.tokenizer = AutoTokenizer.from_pretrained(kwargs["model"])
+
+        def get_tokenizer(self):
+            return self.tokenizer
+
+        def generate(self, prompts, params, lora_request=None, use_tqdm=True):
+            calls.setdefault("generate", []).append((prompts, params, lora_request))
+            return [
+                FakeOutput(p["prompt_token_ids"], [FakeSequence(f"out{k}", [1, 2, 3], "stop", "<end_code>")])
+                for k, p in enumerate(prompts)
+            ]
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class LoRARequest:
+        def __init__(self, name, int_id, path):
+            self.args = (name, int_id, path)
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
+    lora_module = types.ModuleType("vllm.lora.request")
+    lora_module.LoRARequest = LoRARequest
+    for name, module in {
+        "vllm": vllm,
+        "vllm.lora": types.ModuleType("vllm.lora"),
+        "vllm.lora.request": lora_module,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(HAS_VLLM, reason="the real vllm is installed; see test_vllm_real")
+def test_vllm_backend_wiring_against_a_stand_in(fake_vllm, tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 16}))
+    generator = make_generator(BackendConfig(kind="vllm", adapter=str(tmp_path), max_model_len=2048))
+    init = fake_vllm["init"]
+    assert init["enable_lora"] is True and init["max_lora_rank"] == 16
+    assert init["dtype"] == "bfloat16" and init["max_model_len"] == 2048 and init["tensor_parallel_size"] == 1
+    assert init["model"].endswith(tuple("0123456789abcdef"))  # the de-quantised folder, not the GGUF
+
+    continued = Request(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Thought: I"}],
+        continue_final=True,
+        seed=9,
+    )
+    sampling = Sampling(n=2, temperature=0.4, max_new_tokens=7, stop=("<end_code>",), seed=1)
+    generations = generator.generate([chat("hello"), continued], sampling)
+
+    [(prompts, params, lora_request)] = fake_vllm["generate"]
+    assert lora_request.args[:2] == ("adapter", 1)
+    assert len(prompts) == 4 and prompts[0] == prompts[1]
+    tokenizer = generator.tokenizer
+    assert tokenizer.decode(prompts[2]["prompt_token_ids"]).endswith("<|im_start|>assistant\nThought: I")
+    assert [p.kwargs["seed"] for p in params] == [
+        sample_seed(r, sampling, j) for r in (chat("hello"), continued) for j in range(2)
+    ]
+    assert params[0].kwargs == {
+        "n": 1,
+        "temperature": 0.4,
+        "top_p": 1.0,
+        "max_tokens": 7,
+        "stop": ["<end_code>"],
+        "seed": params[0].kwargs["seed"],
+    }
+    completion = generations[1].completions[1]
+    assert completion == Completion(
+        text="out3",
+        prompt_tokens=len(prompts[3]["prompt_token_ids"]),
+        completion_tokens=3,
+        finish_reason="stop",
+        latency_s=completion.latency_s,
+        stop="<end_code>",
+    )
+
+
+@pytest.mark.vllm
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (GPU extra)")
+def test_vllm_real():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("vllm needs a CUDA device")
+    generator = make_generator(BackendConfig(kind="vllm", gpu_memory_utilization=0.3, max_model_len=2048))
+    try:
+        sampling = Sampling(n=2, temperature=0.8, max_new_tokens=16, stop=("\n",), seed=0)
+        [generation] = generator.generate([chat("What is the capital of France?")], sampling)
+        assert len(generation.completions) == 2
+        assert all("\n" not in c.text and 0 < c.completion_tokens <= 16 for c in generation.completions)
+        [again] = generator.generate([chat("What is the capital of France?")], sampling)
+        assert [c.text for c in again.completions] == [c.text for c in generation.completions]
+    finally:
+        generator.close()
