@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     # The ephemeral Prefect server migrates its SQLite database at first start, which can take
     # longer than Prefect's 20 s default on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # No telemetry: the machine may have no route out, and nothing here should phone home.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if args.home:
         os.environ["DISTILLERY_HOME"] = str(Path(args.home).resolve())
     try:

@@ -217,7 +217,15 @@ def open_search(cfg, index_id: str):
 
 
 def retriever(args) -> int:
-    return not_built("retriever serve")
+    from retrieval.index import load_index, read_index_meta
+    from retrieval.service import serve as serve_http
+
+    folder = store().find(args.index)
+    meta = read_index_meta(folder)
+    print(f"serving index {folder.name} ({meta['count']} passages, {meta['embedder']}) on "
+          f"http://{args.host}:{args.port}/retrieve", file=sys.stderr)
+    serve_http(load_index(folder, meta["embedder"]), host=args.host, port=args.port)
+    return 0
 
 
 def print_ref(ref, out=sys.stdout) -> None:

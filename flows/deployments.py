@@ -18,6 +18,9 @@ installed package, whatever its working directory.
 
 from __future__ import annotations
 
+import os
+import signal
+
 from prefect import flow, serve
 from prefect.artifacts import create_markdown_artifact
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
@@ -134,7 +137,10 @@ def build_deployments(cfg: PipelineConfig, home: str, schedule_active: bool = Tr
 
 
 def serve_deployments(cfg: PipelineConfig, home: str, schedule_active: bool = True) -> None:
-    """Register the deployments and run their flow runs until interrupted (blocks)."""
+    """Register the deployments and run their flow runs until Ctrl+C or SIGTERM (blocks)."""
+    # Prefect 3.8's runner shuts down cleanly on SIGTERM (pauses the schedules, stops the temporary
+    # API server) but can hang forever on SIGINT with an ephemeral API; so Ctrl+C takes the SIGTERM path.
+    signal.signal(signal.SIGINT, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
     serve(*build_deployments(cfg, home, schedule_active))
 
 

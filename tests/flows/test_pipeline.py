@@ -1,0 +1,130 @@
+"""The whole pipeline end to end on a tiny scale: scripted teacher, tiny random student, real everything else.
+
+Real parts: Prefect's engine (test harness), the artifact store and DuckDB catalog, a FAISS index over a
+5-document corpus embedded by MiniLM, the subprocess sandbox, LoRA training with peft + accelerate on a
+2-layer random Llama, sharded evaluation, metrics and report. Only the generator is scripted: it answers
+by looking the question up, after one web_search step.
+"""
+
+import json
+
+import pytest
+
+from agent_runtime.backends.scripted import ScriptedGenerator
+from agent_runtime.prompts import COT_SYSTEM_PROMPT
+from flows.config import PipelineConfig
+from storage.catalog import query
+from storage.store import ArtifactStore
+from tests.training.conftest import smollm_tokenizer, tiny_student  # noqa: F401  (fixtures)
+
+MATH = {"What is 2 + 3?": "5", "What is 7 * 6?": "42", "What is 10 - 4?": "6", "What is 9 + 9?": "18"}
+FACTS = {"Which planet is known as the Red Planet?": "Mars", "What is the capital of France?": "Paris"}
+ANSWERS = {**MATH, **FACTS}
+CORPUS = [
+    {"id": "1", "title": "Mars", "text": "Mars is the fourth planet from the Sun, known as the Red Planet."},
+    {"id": "2", "title": "Paris", "text": "Paris is the capital and largest city of France."},
+    {"id": "3", "title": "Addition", "text": "Addition is one of the four basic operations of arithmetic."},
+    {"id": "4", "title": "Jupiter", "text": "Jupiter is the largest planet in the Solar System."},
+    {"id": "5", "title": "Berlin", "text": "Berlin is the capital of Germany."},
+]
+
+
+def scripted_model(request, sample_index):
+    """CoT: a boxed answer. Agent: step 1 searches, step 2 answers."""
+    if request.messages[0]["content"] == COT_SYSTEM_PROMPT:
+        question = request.messages[1]["content"]
+        return f"Read the question carefully.\n\nThe final answer is \\boxed{{{ANSWERS[question]}}}."
+    question = request.messages[1]["content"].removeprefix("Task: ").strip()
+    taken = sum(m["role"] == "assistant" for m in request.messages) - int(request.continue_final)
+    if taken == 0:  # the first action; with FTP it continues the forced first thought
+        thought = " So I look it up first." if request.continue_final else "Thought: I look it up first."
+        return f"{thought}\nCode:\n```py\nprint(web_search({question!r}))\n```<end_code>"
+    return f"Thought: I know it now.\nCode:\n```py\nfinal_answer({ANSWERS[question]!r})\n```<end_code>"
+
+
+@pytest.fixture
+def tiny_setup(tmp_path, tiny_student, monkeypatch):  # noqa: F811
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "corpus.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in CORPUS))
+    for name, answers in (("math", MATH), ("facts", FACTS)):
+        lines = [json.dumps({"id": f"{name}-{i}", "question": q, "answer": a}) for i, (q, a) in
+                 enumerate(answers.items())]
+        (data / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    generator = ScriptedGenerator(scripted_model)
+    import tasks.evaluate
+    import tasks.prefixes
+    import tasks.rollout
+
+    for module in (tasks.rollout, tasks.prefixes, tasks.evaluate):
+        monkeypatch.setattr(module, "generator_for", lambda cfg: generator)
+    student = {"kind": "scripted", "model": str(tiny_student)}
+    datasets = [{"name": "math", "source": str(data / "math.jsonl"), "kind": "math"},
+                {"name": "facts", "source": str(data / "facts.jsonl"), "kind": "qa"}]
+    cfg = PipelineConfig.model_validate({
+        "index": {"corpus": {"source": str(data / "corpus.jsonl")}},
+        "sandbox": {"workers": 2},
+        "teacher": {"kind": "scripted", "model": "scripted-teacher"},
+        "student": student,
+        "prefixes": {"enabled": True},
+        "rollout": {"datasets": datasets, "num_parts": 2, "use_prefixes": True, "agent": {"max_steps": 3}},
+        "train": {"base_model": str(tiny_student), "epochs": 1, "per_device_batch_size": 2, "grad_accum": 1,
+                  "lora": {"r": 4, "alpha": 8}, "max_length": 1024},
+        "cot_student": {"enabled": True, "train": {"base_model": str(tiny_student), "epochs": 1,
+                                                     "lora": {"r": 4, "alpha": 8}, "max_length": 1024}},
+        "evaluate": {"datasets": datasets, "num_shards": 2, "agent": {"max_steps": 3},
+                     "methods": [{"name": "cot", "model": "student", "mode": "cot"},
+                                 {"name": "agent", "model": "student", "prompt": "teacher"},
+                                 {"name": "agent-distilled", "model": "agent_student"},
+                                 {"name": "agent-distilled+sag", "model": "agent_student", "sag": True},
+                                 {"name": "cot-distilled", "model": "cot_student", "mode": "cot"}]},
+    })
+    return cfg, generator
+
+
+def test_pipeline_runs_every_stage_with_lineage_and_reuses_them(tiny_setup, home, prefect_harness):
+    from flows.pipeline import pipeline_flow
+
+    cfg, generator = tiny_setup
+    results = pipeline_flow(cfg, home=str(home))
+    store = ArtifactStore(home)
+    stages = {m["stage"]: m for m in store.list()}
+    assert set(stages) == {"index", "prefixes", "trajectories", "sft_data", "adapters", "evals"}
+    by_id = {m["id"]: m for m in store.list()}
+    # Lineage: evals ← index + adapters; adapters ← sft_data ← trajectories ← index + prefixes.
+    evaluation = store.manifest(results["evaluation"])
+    parent_stages = sorted(by_id[p]["stage"] for p in evaluation["parents"])
+    assert parent_stages == ["adapters", "adapters", "index"]
+    trajectories = stages["trajectories"]
+    assert sorted(by_id[p]["stage"] for p in trajectories["parents"]) == ["index", "prefixes"]
+    agent_adapter = store.manifest(results["adapter_agent"])
+    data = by_id[agent_adapter["parents"][0]]
+    assert data["stage"] == "sft_data" and data["parents"] == [trajectories["id"]]
+    assert (store.root / "adapters" / agent_adapter["id"] / "adapter" / "adapter_model.safetensors").is_file()
+
+    # Rollouts: every question once, all correct (the script knows the answers), FTP prefix used.
+    rows = query(home, "select dataset, count(*), sum(correct::int) from episodes group by 1 order by 1")[1]
+    assert rows == [("facts", 2, 2), ("math", 4, 4)]
+    prefixes = query(home, "select count(*) from episodes where prefix like 'Read the question%'")[1]
+    assert prefixes == [(6,)]
+    assert query(home, "select count(*) from steps where tool_calls > 0")[1] == [(6,)]
+    assert query(home, "select kind, count(*) from sft_examples group by 1 order by 1")[1] == [("agent", 6),
+                                                                                              ("cot", 6)]
+    # Evaluation: 5 methods × 6 questions, each exactly once; metrics per method and dataset; report files.
+    once = query(home, "select count(*), count(distinct (method, question_id)) from predictions")[1]
+    assert once == [(30, 30)]
+    metrics = query(home, "select method, dataset, n, accuracy from metrics order by 1, 2")[1]
+    assert len(metrics) == 10 and all(n in (2, 4) and acc == 1.0 for _, _, n, acc in metrics)
+    folder = store.root / "evals" / evaluation["id"]
+    assert (folder / "report.md").is_file() and (folder / "accuracy_by_dataset.png").is_file()
+
+    # Second run: every stage is re-used, nothing is generated again.
+    calls = len(generator.calls)
+    again = pipeline_flow(cfg, home=str(home))
+    assert again == results and len(generator.calls) == calls
+
+    # Changing only an evaluation setting re-runs only the evaluation.
+    changed = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"num_shards": 3})})
+    third = pipeline_flow(changed, home=str(home))
+    assert third["adapter_agent"] == results["adapter_agent"] and third["evaluation"] != results["evaluation"]
+    assert len(store.list("trajectories")) == 1 and len(store.list("evals")) == 2
