@@ -24,4 +24,4 @@ def publish_artifact(store: ArtifactStore, ref: ArtifactRef, example_query: str)
         f"- folder: `{ref.path}`\n- rows: {counts}\n- lineage: {lineage}\n- created: {manifest.get('created')}\n\n"
         f"Inspect it:\n\n```bash\ndistillery query \"{sql}\"\n```\n"
     )
-    create_markdown_artifact(markdown=markdown, key=f"{ref.stage}-latest", description=f"{ref.stage} artifact")
+    create_markdown_artifact(markdown=markdown, key=f"{ref.stage.replace('_', '-')}-latest", description=f"{ref.stage} artifact")
