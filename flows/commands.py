@@ -209,11 +209,9 @@ def read_text(path: Path) -> str:
 
 def open_search(cfg, index_id: str):
     """A ``web_search(query) -> str`` callable backed by a stored index."""
-    from retrieval.index import load_index
-    from retrieval.retriever import web_search
+    from tasks.resources import search_for
 
-    retriever = load_index(store().find(index_id), cfg.index.embedder)
-    return lambda query: web_search(retriever, query, k=3)
+    return search_for(store().resolve(index_id), cfg.index, cfg.search)
 
 
 def retriever(args) -> int:

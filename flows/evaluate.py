@@ -54,7 +54,7 @@ def shard_jobs(cfg: PipelineConfig, eval_ref: ArtifactRef, index: ArtifactRef,
             for shard in range(cfg.evaluate.num_shards):
                 jobs.append(ShardJob(eval_ref=eval_ref, cfg=cfg.evaluate, method_index=m, dataset_index=d,
                                      shard=shard, backend=backend, adapter_id=adapter_id, sandbox=cfg.sandbox,
-                                     index=index, embedder=cfg.index.embedder, search=cfg.search))
+                                     index=index, index_cfg=cfg.index, search=cfg.search))
     return jobs
 
 

@@ -33,4 +33,4 @@ def rollout_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = None
     prefixes = prefixes_flow(cfg, home=str(store.root)) if cfg.rollout.use_prefixes else None
     plan = plan_rollout(store, cfg, index, prefixes)
     task = bind(run_rollouts, plan)
-    return task(plan, cfg.rollout, cfg.teacher, cfg.sandbox, index, cfg.index.embedder, cfg.search, prefixes)
+    return task(plan, cfg.rollout, cfg.teacher, cfg.sandbox, index, cfg.index, cfg.search, prefixes)

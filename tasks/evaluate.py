@@ -24,11 +24,12 @@ from agent_runtime.sandbox import Sandbox, SandboxConfig
 from evaluation.datasets import load_dataset
 from evaluation.evaluate import EvalConfig, evaluate_questions
 from evaluation.rollout import split_parts, with_limit
+from retrieval.index import IndexConfig
 from storage.catalog import read_table
 from storage.schemas import METRICS, PREDICTIONS
 from storage.store import ArtifactError, ArtifactRef, ArtifactStore, StagePlan, atomic_write_table, part_name
 from tasks.caching import artifact_key
-from tasks.publish import publish_artifact
+from tasks.publish import in_prefect_run, publish_artifact
 from tasks.resources import SearchConfig, generator_for, search_for
 
 
@@ -46,7 +47,7 @@ class ShardJob(BaseModel):
     adapter_id: str | None
     sandbox: SandboxConfig
     index: ArtifactRef
-    embedder: str
+    index_cfg: IndexConfig
     search: SearchConfig
 
     @property
@@ -71,7 +72,7 @@ def run_shard(job: ShardJob) -> int:
     rows: list[dict] = []
     if questions:
         generator = generator_for(job.backend)
-        search = search_for(job.index, job.embedder, job.search)
+        search = search_for(job.index, job.index_cfg, job.search)
         with Sandbox(job.sandbox, search=search) as sandbox:
             rows = evaluate_questions(questions, dataset.kind, method, job.cfg, generator, sandbox, labels)
     # An empty shard still writes its (empty) file: it is done, and resume must not revisit it.
@@ -109,12 +110,10 @@ def finish_evaluation(plan: StagePlan) -> ArtifactRef:
         artifact.finish({"predictions": predictions.num_rows, "metrics": metrics.num_rows},
                         {"report": str(paths["report"]), "table": metrics.to_pylist()})
     metrics = read_table(plan.ref.path, "metrics")
-    try:
+    if in_prefect_run():
         create_markdown_artifact(markdown=table2_markdown(metrics), key="evaluation-report",
                                  description=f"evaluation {plan.ref.id}")
         create_table_artifact(table=json.loads(json.dumps(metrics.to_pylist(), default=str)), key="evaluation-metrics")
-    except Exception:  # outside a Prefect run
-        pass
     publish_artifact(store, plan.ref, "select method, dataset, accuracy from metrics where artifact_id = '{id}'")
     return plan.ref
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prefect import task
 
-from retrieval.index import IndexConfig, build_index as build_faiss_index
+from retrieval.index import IndexConfig
+from retrieval.index import build_index as build_faiss_index
 from storage.store import ArtifactRef, ArtifactStore, StagePlan
 from tasks.caching import artifact_key
 from tasks.publish import publish_artifact

@@ -6,6 +6,8 @@ import sys
 
 from tqdm.auto import tqdm
 
+from tasks.publish import in_prefect_run
+
 
 class Progress:
     """A tqdm bar plus, inside a Prefect run, a progress artifact updated at most every 2 %."""
@@ -15,14 +17,10 @@ class Progress:
         self.bar = tqdm(total=total, desc=description, unit="ep", file=sys.stderr, dynamic_ncols=True)
         self.artifact_id = None
         self.reported = -1.0
-        try:
+        if in_prefect_run():
             from prefect.artifacts import create_progress_artifact
-            from prefect.context import get_run_context
 
-            get_run_context()
             self.artifact_id = create_progress_artifact(progress=0.0, description=description)
-        except Exception:  # outside a Prefect run there is no UI to update
-            self.artifact_id = None
 
     def update(self, done: int) -> None:
         self.bar.update(done - self.bar.n)

@@ -7,13 +7,16 @@ from prefect.artifacts import create_markdown_artifact
 from storage.store import ArtifactRef, ArtifactStore
 
 
+def in_prefect_run() -> bool:
+    """True inside a flow or task run; plain calls (tests calling ``task.fn``) have no UI to publish to."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
 def publish_artifact(store: ArtifactStore, ref: ArtifactRef, example_query: str) -> None:
     """A markdown artifact keyed ``<stage>-latest`` describing ``ref`` (no-op outside a Prefect run)."""
-    from prefect.context import get_run_context
-
-    try:
-        get_run_context()
-    except Exception:  # called from plain Python (tests calling .fn): nothing to publish to
+    if not in_prefect_run():
         return
     manifest = store.manifest(ref)
     lineage = " → ".join(f"`{m['stage']}/{m['id']}`" for m in store.lineage(ref.id))

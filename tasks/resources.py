@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent_runtime.backends import BackendConfig, make_generator
 from agent_runtime.generation import Generator
+from retrieval.index import IndexConfig
 from storage.store import ArtifactRef
 
 _lock = threading.Lock()
@@ -40,15 +41,16 @@ def generator_for(cfg: BackendConfig) -> Generator:
 
 
 @lru_cache(maxsize=2)
-def _retriever(index_path: str, embedder: str):
+def _retriever(index_path: str, cfg: IndexConfig):
     from pathlib import Path
 
     from retrieval.index import load_index
 
-    return load_index(Path(index_path), embedder)
+    return load_index(Path(index_path), cfg.embedder, device=cfg.device, use_gpu=cfg.use_gpu,
+                      gpu_fp16=cfg.gpu_fp16, gpu_shard=cfg.gpu_shard, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
 
 
-def search_for(index: ArtifactRef | None, embedder: str, cfg: SearchConfig) -> Callable[[str], str]:
+def search_for(index: ArtifactRef | None, index_cfg: IndexConfig, cfg: SearchConfig) -> Callable[[str], str]:
     """The agent's ``web_search(query) -> str``: the remote retriever when ``cfg.url`` is set, else the index."""
     from retrieval.retriever import HttpRetriever, web_search
 
@@ -56,7 +58,7 @@ def search_for(index: ArtifactRef | None, embedder: str, cfg: SearchConfig) -> C
         backend = HttpRetriever(cfg.url)
     elif index is not None:
         with _lock:
-            backend = _retriever(str(index.path), embedder)
+            backend = _retriever(str(index.path), index_cfg)
     else:
         raise ValueError("web_search needs an index artifact or a retriever url")
     return lambda query: web_search(backend, query, k=cfg.top_k)

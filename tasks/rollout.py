@@ -12,18 +12,19 @@ from agent_runtime.backends import BackendConfig
 from agent_runtime.sandbox import Sandbox, SandboxConfig
 from evaluation.datasets import load_dataset
 from evaluation.rollout import RolloutConfig, run_questions, split_parts, with_limit
+from retrieval.index import IndexConfig
 from storage.catalog import read_table
 from storage.schemas import EPISODES, STEPS
 from storage.store import ArtifactRef, ArtifactStore, StagePlan, part_name
 from tasks.caching import artifact_key
 from tasks.progress import Progress
-from tasks.publish import publish_artifact
+from tasks.publish import in_prefect_run, publish_artifact
 from tasks.resources import SearchConfig, generator_for, search_for
 
 
 @task(name="teacher-rollouts", cache_key_fn=artifact_key, persist_result=True, retries=1, retry_delay_seconds=5)
 def run_rollouts(plan: StagePlan, cfg: RolloutConfig, teacher: BackendConfig, sandbox_cfg: SandboxConfig,
-                 index: ArtifactRef, embedder: str, search_cfg: SearchConfig,
+                 index: ArtifactRef, index_cfg: IndexConfig, search_cfg: SearchConfig,
                  prefixes: ArtifactRef | None = None) -> ArtifactRef:
     """Run every unfinished part, then write the manifest; finished parts of an earlier run are kept."""
     store = ArtifactStore(plan.ref.root)
@@ -32,7 +33,7 @@ def run_rollouts(plan: StagePlan, cfg: RolloutConfig, teacher: BackendConfig, sa
         work = pending_parts(artifact.path, cfg)
         if work:
             generator = generator_for(teacher)
-            search = search_for(index, embedder, search_cfg)
+            search = search_for(index, index_cfg, search_cfg)
             first_steps = read_prefixes(prefixes) if prefixes is not None else {}
             progress = Progress(sum(len(qs) for _, _, qs in work) * cfg.samples_per_question, "teacher rollouts")
             done = 0
@@ -78,10 +79,8 @@ def finish_rollouts(store: ArtifactStore, artifact) -> None:
     steps = read_table(artifact.path, "steps")
     summary = summarize(episodes, steps)
     artifact.finish({"episodes": episodes.num_rows, "steps": steps.num_rows}, {"by_dataset": summary})
-    try:
+    if in_prefect_run():
         create_table_artifact(table=summary, key="rollout-accuracy", description="teacher rollouts by dataset")
-    except Exception:  # not inside a Prefect run (a test calling .fn)
-        pass
 
 
 def summarize(episodes: pa.Table, steps: pa.Table) -> list[dict]:

@@ -1,0 +1,90 @@
+"""The HTTP service (a real uvicorn server on 127.0.0.1) against the in-process retriever."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from retrieval_fixtures import ARTICLES
+
+from retrieval.index import load_index
+from retrieval.retriever import HttpRetriever, RetrieverUnavailable, web_search
+from retrieval.service import make_app
+
+QUERIES = [*ARTICLES, "what causes ocean waves after an earthquake?", "paper folding art from Japan"]
+
+
+@pytest.fixture(scope="module")
+def retriever(built_index):
+    return load_index(built_index, "minilm-l6-v2", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server_url(retriever):
+    server = uvicorn.Server(
+        uvicorn.Config(make_app(retriever), host="127.0.0.1", port=0, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start within 30 s"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_http_and_in_process_return_the_same_ids_and_scores(retriever, server_url):
+    local = retriever.search(QUERIES, k=4)
+    remote = HttpRetriever(server_url).search(QUERIES, k=4)
+    assert [[p.id for p in hits] for hits in remote] == [[p.id for p in hits] for hits in local]
+    assert [[p.score for p in hits] for hits in remote] == [[p.score for p in hits] for hits in local]
+    assert remote == local  # titles and texts survive the "Title"\ntext round trip too
+    assert web_search(HttpRetriever(server_url), "Jazz") == web_search(retriever, "Jazz")
+
+
+def test_response_has_search_r1_shape(server_url):
+    with_scores = httpx.post(
+        f"{server_url}/retrieve", json={"queries": ["Chess"], "topk": 2, "return_scores": True}
+    )
+    assert with_scores.status_code == 200
+    hits = with_scores.json()["result"]
+    assert len(hits) == 1 and len(hits[0]) == 2
+    assert set(hits[0][0]) == {"document", "score"}
+    assert hits[0][0]["document"] == {"id": "doc4", "contents": f'"Chess"\n{ARTICLES["Chess"]}'}
+    bare = httpx.post(f"{server_url}/retrieve", json={"queries": ["Chess", "Jazz"]}).json()["result"]
+    assert [len(docs) for docs in bare] == [3, 3]  # Search-R1's default topk
+    assert bare[0][0] == {"id": "doc4", "contents": f'"Chess"\n{ARTICLES["Chess"]}'}
+
+
+def test_health_reports_the_index(server_url):
+    body = HttpRetriever(server_url).health()
+    assert body == {
+        "status": "ok",
+        "passages": 12,
+        "embedder": "minilm-l6-v2",
+        "dim": 384,
+        "index_type": "Flat",
+    }
+
+
+def test_bad_requests_are_rejected(server_url):
+    assert httpx.post(f"{server_url}/retrieve", json={"queries": "not a list"}).status_code == 422
+    assert httpx.post(f"{server_url}/retrieve", json={"queries": ["x"], "topk": 0}).status_code == 422
+
+
+def test_unreachable_server_is_a_clear_error():
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = HttpRetriever(f"http://127.0.0.1:{port}", timeout_s=2, retries=1, retry_wait_s=0.01)
+    with pytest.raises(
+        RetrieverUnavailable, match=f"cannot reach the retriever at http://127.0.0.1:{port}/retrieve"
+    ):
+        client.search(["x"], k=1)
