@@ -30,6 +30,14 @@ from storage.schemas import conform
 MANIFEST = "manifest.json"
 TMP_MARK = ".tmp-"
 PACKAGES = ("agent_runtime", "retrieval", "storage", "training", "evaluation", "tasks", "flows")
+# The code each stage's output depends on: editing evaluation code must not rebuild the index.
+STAGE_CODE = {
+    "index": ("retrieval", "storage"),
+    "prefixes": ("agent_runtime", "evaluation", "storage"),
+    "trajectories": ("agent_runtime", "evaluation", "retrieval", "storage"),
+    "sft_data": ("agent_runtime", "training", "storage"),
+    "adapters": ("training", "storage"),
+}
 
 
 class ArtifactError(ValueError):
@@ -41,9 +49,9 @@ def default_root() -> Path:
     return Path(os.environ.get("DISTILLERY_HOME") or ".distillery")
 
 
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """``<package version>+<hash of the project's source>``: code changes give new artifact ids."""
+@lru_cache(maxsize=16)
+def code_version(packages: tuple[str, ...] = PACKAGES) -> str:
+    """``<package version>+<hash of the source of packages>``: code changes give new artifact ids."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -52,7 +60,7 @@ def code_version() -> str:
         base = "0.0.0"
     digest = hashlib.sha256()
     top = Path(__file__).resolve().parent.parent
-    for package in PACKAGES:
+    for package in packages:
         for path in sorted((top / package).rglob("*.py")):
             digest.update(str(path.relative_to(top)).encode())
             digest.update(path.read_bytes())
@@ -66,8 +74,8 @@ def canonical_json(value) -> str:
 
 def artifact_id(stage: str, config: dict, parents: list[str], version: str | None = None) -> str:
     """The content hash that names an artifact."""
-    payload = canonical_json({"stage": stage, "config": config, "parents": sorted(parents),
-                              "code": version or code_version()})
+    code = version or code_version(STAGE_CODE.get(stage, PACKAGES))
+    payload = canonical_json({"stage": stage, "config": config, "parents": sorted(parents), "code": code})
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -179,7 +187,7 @@ class Artifact:
         self.metrics.update(metrics or {})
         manifest = {
             "stage": self.ref.stage, "id": self.ref.id, "config": self.config, "parents": self.parents,
-            "code_version": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "code_version": code_version(STAGE_CODE.get(self.ref.stage, PACKAGES)), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "row_counts": self.row_counts, "metrics": self.metrics,
         }
         atomic_write_json(self.path / MANIFEST, manifest)
