@@ -14,6 +14,7 @@ from evaluation.evaluate import EvalConfig
 from evaluation.prefixes import PrefixConfig
 from evaluation.rollout import RolloutConfig
 from retrieval.index import IndexConfig
+from flows.reeval_config import ReevalConfig
 from tasks.resources import SearchConfig
 from training.data import SftDataConfig
 from training.sft import TrainConfig
@@ -44,6 +45,7 @@ class PipelineConfig(BaseModel):
     train: TrainConfig = Field(TrainConfig(), description="LoRA SFT of the agent-distilled student")
     cot_student: CotStudentConfig = Field(CotStudentConfig(), description="the CoT-distilled baseline student")
     evaluate: EvalConfig = Field(EvalConfig(), description="held-out evaluation of baselines and students")
+    reevaluate: ReevalConfig = Field(ReevalConfig(), description="the scheduled re-evaluation deployment")
 
     @model_validator(mode="after")
     def _one_student(self) -> PipelineConfig:
