@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -122,9 +123,19 @@ def run(args) -> int:
 
 
 def index(args) -> int:
+    from flows.plans import plan_index
+
+    cfg = load(args)
+    plan = plan_index(store(), cfg)
+    # Without a Prefect server there is no run history to record: a finished index is reported
+    # without starting Prefect's ephemeral API (which alone takes ~15 s to start).
+    if not os.environ.get("PREFECT_API_URL") and store().exists(plan.ref):
+        print_ref(plan.ref)
+        print("(cached: the index with this config and corpus already exists)", file=sys.stderr)
+        return 0
     from flows.index import index_flow
 
-    print_ref(index_flow(load(args), home=str(store().root)))
+    print_ref(index_flow(cfg, home=str(store().root)))
     return 0
 
 
