@@ -328,8 +328,12 @@ def test_smollm2_runs_as_a_codeact_agent_with_sag(sandbox) -> None:
     complete, consistent records, not that it answers correctly. The short student prompt keeps the
     CPU prefill small (the teacher prompt is ~1,150 tokens, repeated for every sample).
     """
+    torch = pytest.importorskip("torch")
     from agent_runtime.backends import BackendConfig, make_generator
 
+    # One intra-op thread: on a CPU shared with other jobs, torch's spin-waiting threads run ~10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     generator = make_generator(BackendConfig(kind="transformers", model="smollm2-135m-instruct"))
     pairs = [(12, 34), (56, 7), (89, 10), (11, 121), (250, 4), (99, 99), (1234, 5), (640, 32)]
     tasks = [AgentTask(f"arith-{i}", f"What is {a} * {b}?") for i, (a, b) in enumerate(pairs)]
@@ -338,6 +342,7 @@ def test_smollm2_runs_as_a_codeact_agent_with_sag(sandbox) -> None:
         episodes = run_agent(tasks, generator, sandbox, cfg)
     finally:
         generator.close()
+        torch.set_num_threads(threads)
     assert [e.question_id for e in episodes] == [t.question_id for t in tasks]
     for episode in episodes:
         assert 1 <= episode.num_steps <= cfg.max_steps + 1
