@@ -261,15 +261,16 @@ def _parsed_candidate(prefix: str, completion: Completion) -> Candidate:
 
 
 def _assistant_message(text: str, completion: Completion, parsed: bool) -> str:
-    """The generated text as it is stored and replayed: a parsed action always ends with ``<end_code>``.
+    """The generated text as it is stored and replayed: a finished action ends with ``<end_code>``.
 
     The backend strips the stop string, so put ``<end_code>`` back when it ended generation; when the
-    model stopped otherwise (at a hallucinated ``Observation:``, at EOS) normalise the end to the same
-    terminator so training sees one format. Unparseable text is kept exactly as generated.
+    model ended its action otherwise (at a hallucinated ``Observation:``, at EOS) normalise the end to
+    the same terminator so training sees one format. Unparseable text, and text cut by the token limit
+    (the model did not finish; its code may be cut too), are kept exactly as generated.
     """
     if completion.stop == END_CODE:
         return text + END_CODE
-    if parsed:
+    if parsed and completion.finish_reason != "length":
         return text.rstrip() + END_CODE
     return text
 

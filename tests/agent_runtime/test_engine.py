@@ -112,6 +112,15 @@ def test_execution_error_is_recorded_and_fed_back(sandbox) -> None:
     assert episode.prediction == "recovered"
 
 
+def test_action_cut_by_the_token_limit_is_kept_verbatim(sandbox) -> None:
+    cut = "Thought: long\nCode:\n```py\nvalues = [1, 2,\n 3, 4, 5, 6, 7, 8, 9]\nprint(sum(values))\n```"
+    script = {"q": [cut, act("final_answer(1)")]}
+    (episode,), _ = run(script, sandbox, AgentConfig(max_new_tokens=8))
+    step = episode.steps[0]
+    assert step.assistant == "Thought: long\nCode:\n```py\nvalues = [1, 2,"  # 8 words, no terminator
+    assert step.error_kind == "execution" and "SyntaxError" in step.observation
+
+
 def test_state_persists_between_steps(sandbox) -> None:
     script = {"q": [act("x = 41\nprint(x)"), act("final_answer(x + 1)")]}
     (episode,), _ = run(script, sandbox)
