@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from retrieval.corpus import CorpusConfig, CorpusStats, corpus_fingerprint, iter_passages, join_contents
 from retrieval.embed import Embedder
+from storage.store import temp_prefix
 from retrieval.retriever import PASSAGES_SCHEMA, PassageTable, Retriever
 
 if TYPE_CHECKING:
@@ -348,7 +349,9 @@ def _staged(out_dir: Path) -> Iterator[dict[str, Path]]:
     succeeds; on any error, the temporaries and any file already renamed are removed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = (PASSAGES_FILE, INDEX_FILE, META_FILE)
-    tmp = {name: out_dir / f".{name}.{uuid.uuid4().hex}.tmp" for name in names}
+    # The store's temporary naming (writer pid inside), so a build killed mid-way leaves files that the
+    # store removes when the artifact is next opened.
+    tmp = {name: out_dir / f"{temp_prefix(name)}{uuid.uuid4().hex}" for name in names}
     done: list[Path] = []
     try:
         yield tmp
