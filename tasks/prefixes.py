@@ -8,6 +8,7 @@ from prefect import task
 from agent_runtime.backends import BackendConfig
 from evaluation.datasets import DatasetConfig, load_dataset
 from evaluation.prefixes import PrefixConfig, solve_with_cot
+from storage.catalog import read_table
 from storage.schemas import COT_SOLUTIONS
 from storage.store import ArtifactRef, ArtifactStore, StagePlan, part_name
 from tasks.caching import artifact_key
@@ -34,8 +35,6 @@ def build_prefixes(plan: StagePlan, cfg: PrefixConfig, teacher: BackendConfig,
             artifact.write_table("cot_solutions", table, COT_SOLUTIONS, part=part)
             done += len(rows)
         progress.close()
-        from storage.catalog import read_table
-
         table = read_table(artifact.path, "cot_solutions")
         correct = sum(table.column("correct").to_pylist())
         artifact.finish({"cot_solutions": table.num_rows}, {"correct": correct,
