@@ -1,17 +1,25 @@
 """In-process transformers backend: a base model (plus an optional PEFT LoRA adapter) on CPU or GPU.
 
 Batching: every request × sample becomes one row; rows are sorted by prompt length and cut into chunks
-of ``batch_size``; each chunk is ONE left-padded ``generate()`` call, and a row that emits EOS or one of
-the stop strings stops early (the call ends when every row has).
+of ``batch_size``; each chunk is decoded together by ``_decode``, a plain KV-cache loop (the same
+forward passes ``generate()`` makes) with two things generate() does not do:
+
+- *shared-prefix prefill*: the tokens every prompt of the chunk starts with (the system prompt with its
+  tool descriptions and few-shot examples, ~1,200 tokens for the teacher) are run once and their KV cache
+  is repeated over the rows; each row then prefills only its own suffix. The left padding sits between
+  the prefix and the suffix, masked, and position ids skip it, so a row sees exactly what it would see
+  alone. Only the last position's logits are computed.
+- *finished rows leave the batch*: a row that emits EOS or one of the stop strings is dropped from the
+  cache and the batch at once, so the remaining rows do not pay for it.
 
 Seeds: each row samples with its own ``torch.Generator`` seeded by ``sample_seed(request, sampling, j)``
-(``RowSampler`` below draws the token, generate() runs in greedy mode and takes it). So the same
-(request seed, sampling, sample index) gives the same text whatever else shares the batch, up to the
-rounding differences that different padding can cause (float32 CPU: none seen in the tests).
-With temperature 0 a request is decoded once and its completion repeated ``n`` times.
+(``RowSampler`` below draws the token). So the same (request seed, sampling, sample index) gives the
+same text whatever else shares the batch, up to the rounding differences that different padding can
+cause (float32 CPU: none seen in the tests). With temperature 0 a request is decoded once (argmax) and
+its completion repeated ``n`` times.
 
-Latency: ``latency_s`` of a completion is the wall time of the generate() call that produced it divided
-by the rows in that call, so the latencies of a batch add up to its wall time.
+Latency: ``latency_s`` of a completion is the wall time of the chunk that produced it divided by the
+rows in that chunk, so the latencies of a batch add up to its wall time.
 
 GGUF models (the embedded SmolLM2) are de-quantised by transformers at load, which is slow (~30 s for
 135M parameters). The de-quantised float32 weights and the tokenizer are cached as a plain Hugging Face
@@ -28,15 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LogitsProcessor,
-    LogitsProcessorList,
-    PreTrainedModel,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from agent_runtime.backends import BackendConfig
 from agent_runtime.generation import (
@@ -53,6 +53,8 @@ from storage.models import ModelSource, resolve_model
 # Prompt tokens decoded together with the continuation, so tokenizers that drop a leading space on the
 # first decoded token (SentencePiece) still return "Thought: I| am" as " am".
 DECODE_OVERLAP_TOKENS = 4
+# A common prompt start at least this long is prefilled once and its KV cache shared by the rows.
+MIN_SHARED_PREFIX = 16
 
 
 class TransformersGenerator:
@@ -95,29 +97,75 @@ class TransformersGenerator:
     def _generate_rows(
         self, prompts: list[list[int]], seeds: list[int], sampling: Sampling
     ) -> list[Completion]:
-        """One generate() call for these rows; returns one Completion per row."""
-        input_ids, attention_mask = left_pad(prompts, self.tokenizer.pad_token_id, self.device)
-        stopper = StopOnStrings(self.tokenizer, sampling.stop, self.eos_ids, input_ids.shape)
-        processors = LogitsProcessorList()
-        if sampling.temperature > 0:
-            processors.append(RowSampler(seeds, sampling.temperature, sampling.top_p, self.device))
+        """Decode these rows together; returns one Completion per row."""
         started = time.perf_counter()
         with torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=sampling.max_new_tokens,
-                do_sample=False,  # RowSampler has already drawn the token; greedy just takes it
-                logits_processor=processors,
-                stopping_criteria=StoppingCriteriaList([stopper]),
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
+            rows = self._decode(prompts, seeds, sampling)
         share = (time.perf_counter() - started) / len(prompts)
-        new_tokens = output[:, input_ids.shape[1] :].tolist()
         return [
-            self._completion(prompt, tokens, stopper.stopped_at[row], sampling, share)
-            for row, (prompt, tokens) in enumerate(zip(prompts, new_tokens))
+            self._completion(prompt, tokens, stopped_at, sampling, share)
+            for prompt, (tokens, stopped_at) in zip(prompts, rows)
         ]
+
+    def _decode(
+        self, prompts: list[list[int]], seeds: list[int], sampling: Sampling
+    ) -> list[tuple[list[int], int | None]]:
+        """The decoding loop: shared-prefix prefill, then one token per live row per step.
+
+        Returns each row's new tokens and, when a stop string ended it, the token count at that point.
+        """
+        count = len(prompts)
+        cache = DynamicCache(config=self.model.config)
+        shared = shared_prefix_length(prompts) if count > 1 else 0
+        if shared >= MIN_SHARED_PREFIX:  # the system prompt (and few-shot examples) once, not per row
+            prefix = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=self.device)
+            self.model(input_ids=prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(count)
+        else:
+            shared = 0
+        ids, suffix_mask = left_pad([p[shared:] for p in prompts], self.tokenizer.pad_token_id, self.device)
+        # The padding sits between the shared prefix and each row's own suffix; positions skip it.
+        mask = torch.cat([torch.ones((count, shared), dtype=torch.long, device=self.device), suffix_mask], 1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions[:, shared:],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        sampler = RowSampler(seeds, sampling.temperature, sampling.top_p, self.device) if sampling.temperature > 0 else None
+        stops = StopChecker(self.tokenizer, sampling.stop, self.eos_ids)
+        new: list[list[int]] = [[] for _ in prompts]
+        stopped_at: list[int | None] = [None] * count
+        live = list(range(count))  # original row of each batch position still decoding
+        for step in range(sampling.max_new_tokens):
+            drawn = sampler.draw(live, logits) if sampler else logits.argmax(dim=-1)
+            keep = []
+            for position, (row, token) in enumerate(zip(live, drawn.tolist())):
+                new[row].append(token)
+                verdict = stops.check(new[row])
+                if verdict == "string":
+                    stopped_at[row] = len(new[row])
+                elif verdict is None:
+                    keep.append(position)
+            if not keep or step == sampling.max_new_tokens - 1:
+                break
+            if len(keep) < len(live):  # finished rows leave the batch: no compute is spent on them
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, drawn = mask[index], drawn[index]
+                live = [live[k] for k in keep]
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], 1)
+            logits = self.model(
+                input_ids=drawn.view(-1, 1),
+                attention_mask=mask,
+                position_ids=mask.sum(-1, keepdim=True) - 1,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1]
+        return list(zip(new, stopped_at))
 
     def _completion(
         self,
@@ -153,10 +201,9 @@ class TransformersGenerator:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-class RowSampler(LogitsProcessor):
+class RowSampler:
     """Draw each row's next token with that row's own seeded generator (temperature, then top-p).
 
-    It returns logits that are -inf except at the drawn token, so generate() in greedy mode picks it.
     A shared generator would make a row's sample depend on the other rows of the batch.
     """
 
@@ -165,16 +212,14 @@ class RowSampler(LogitsProcessor):
         self.temperature = temperature
         self.top_p = top_p
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def draw(self, rows: list[int], scores: torch.Tensor) -> torch.Tensor:
+        """One token per batch position; position k belongs to row ``rows[k]`` (its generator draws)."""
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
         if self.top_p < 1.0:
             probs = top_p_filter(probs, self.top_p)
-        drawn = torch.cat(
-            [torch.multinomial(probs[row], 1, generator=gen) for row, gen in enumerate(self.generators)]
+        return torch.cat(
+            [torch.multinomial(probs[k], 1, generator=self.generators[row]) for k, row in enumerate(rows)]
         )
-        forced = torch.full_like(scores, float("-inf"))
-        forced.scatter_(1, drawn.unsqueeze(1), 0.0)
-        return forced
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -185,43 +230,37 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
-class StopOnStrings(StoppingCriteria):
-    """Per-row stop: a row is done once its new text contains a stop string (or it emitted EOS).
+class StopChecker:
+    """Whether a row is finished: ``"eos"`` (it emitted an end-of-turn token), ``"string"`` (its new text
+    contains a stop string) or None. Only the last few new tokens are decoded per check, so a step costs
+    O(rows), not O(length). Only generated text is searched: a stop string straddling a continued prefix
+    and the new text is not seen."""
 
-    ``stopped_at[row]`` is the number of new tokens when a stop string appeared (None otherwise). Only the
-    last few new tokens are decoded each step, so the check costs O(rows) per step, not O(length). Only
-    generated text is searched: a stop string straddling a continued prefix and the new text is not seen.
-    """
-
-    def __init__(self, tokenizer, stop: tuple[str, ...], eos_ids: set[int], prompt_shape: torch.Size):
+    def __init__(self, tokenizer, stop: tuple[str, ...], eos_ids: set[int]):
         self.tokenizer = tokenizer
         self.stop = stop
         self.eos_ids = eos_ids
-        rows, self.prompt_len = prompt_shape
         # A stop string of L characters spans at most L tokens (+2 for a token straddling each end).
         self.window = max((len(s) for s in stop), default=0) + 2
-        self.stopped_at: list[int | None] = [None] * rows
-        self.ended: set[int] = set()
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        new = input_ids[:, self.prompt_len :]
-        flags = []
-        for row in range(new.shape[0]):
-            if row not in self.ended:
-                self._check(row, new[row])
-            flags.append(row in self.ended)
-        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+    def check(self, new: list[int]) -> str | None:
+        if new[-1] in self.eos_ids:
+            return "eos"
+        if self.stop:
+            tail = self.tokenizer.decode(new[-self.window :], skip_special_tokens=True)
+            if any(s in tail for s in self.stop):
+                return "string"
+        return None
 
-    def _check(self, row: int, new: torch.Tensor) -> None:
-        if int(new[-1]) in self.eos_ids:
-            self.ended.add(row)
-            return
-        if not self.stop:
-            return
-        tail = self.tokenizer.decode(new[-self.window :].tolist(), skip_special_tokens=True)
-        if any(s in tail for s in self.stop):
-            self.ended.add(row)
-            self.stopped_at[row] = new.shape[0]
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Tokens all prompts start with, leaving every prompt at least one token of its own to prefill."""
+    shortest = min(len(p) for p in prompts)
+    first = prompts[0]
+    length = 0
+    while length < shortest - 1 and all(p[length] == first[length] for p in prompts):
+        length += 1
+    return length
 
 
 def prompt_ids(tokenizer, index: int, request: Request) -> list[int]:

@@ -99,16 +99,27 @@ def test_row_sampler_draws_do_not_depend_on_the_other_rows():
 
     scores = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
 
-    def draws(seeds, rows):
+    def draws(seeds, rows, live):
         sampler = RowSampler(seeds, temperature=1.0, top_p=0.9, device=torch.device("cpu"))
-        return [sampler(None, rows).argmax(dim=-1).tolist() for _ in range(20)]
+        return [sampler.draw(live, rows).tolist() for _ in range(20)]
 
-    alone = draws([11], scores)
-    together = draws([11, 12], torch.cat([scores, scores]))
+    alone = draws([11], scores, [0])
+    together = draws([11, 12], torch.cat([scores, scores]), [0, 1])
     assert [row[0] for row in together] == [row[0] for row in alone]
     assert [row[1] for row in together] != [row[0] for row in alone]  # another seed, other draws
-    forced = RowSampler([1], 1.0, 1.0, torch.device("cpu"))(None, scores)
-    assert int(torch.isfinite(forced).sum()) == 1  # exactly one token left for greedy to pick
+    # Row 0 has left the batch: batch position 0 is now row 1 and keeps drawing with row 1's generator.
+    assert draws([11, 12], scores, [1]) == [[row[1]] for row in together]
+    assert set(sum(alone, [])) <= set(range(50))
+
+
+def test_shared_prefix_leaves_every_row_a_token_of_its_own():
+    pytest.importorskip("torch")
+    from agent_runtime.backends.transformers_backend import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter prompt keeps its last token
+    assert shared_prefix_length([[7, 2], [1, 2]]) == 0
+    assert shared_prefix_length([[5]]) == 0
 
 
 def test_left_pad_puts_padding_on_the_left():
