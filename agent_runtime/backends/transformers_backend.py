@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from agent_runtime.backends import BackendConfig
 from agent_runtime.generation import (
@@ -115,7 +116,7 @@ class TransformersGenerator:
         Returns each row's new tokens and, when a stop string ended it, the token count at that point.
         """
         count = len(prompts)
-        cache = DynamicCache(config=self.model.config)
+        cache = preallocated_cache(self.model, max(map(len, prompts)) + sampling.max_new_tokens)
         shared = shared_prefix_length(prompts) if count > 1 else 0
         if shared >= MIN_SHARED_PREFIX:  # the system prompt (and few-shot examples) once, not per row
             prefix = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=self.device)
@@ -251,6 +252,60 @@ class StopChecker:
             if any(s in tail for s in self.stop):
                 return "string"
         return None
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer that writes into a buffer sized for the whole decode instead of concatenating.
+
+    ``DynamicLayer.update`` copies the layer's entire cache on every token (``torch.cat``); with a long
+    shared prompt repeated over a batch that copy costs more than the attention itself. Here a step writes
+    only its new positions; ``keys``/``values`` are views of the filled part.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            shape = (*key_states.shape[:2], max(self.capacity, key_states.shape[-2]), key_states.shape[-1])
+            self._keys, self._values = key_states.new_empty(shape), value_states.new_empty(shape)
+            self.length = 0
+            self.is_initialized = True
+        end = self.length + key_states.shape[-2]
+        if end > self._keys.shape[-2]:  # more than planned: grow (rare; keeps correctness)
+            grow = (0, 0, 0, end - self._keys.shape[-2])
+            self._keys = torch.nn.functional.pad(self._keys, grow)
+            self._values = torch.nn.functional.pad(self._values, grow)
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
+        self.length = end
+        return self._views()
+
+    def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._keys = self._keys.repeat_interleave(repeats, dim=0)
+            self._values = self._values.repeat_interleave(repeats, dim=0)
+            self._views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._keys, self._values = self._keys[indices], self._values[indices]
+            self._views()
+
+
+def preallocated_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
+    """A DynamicCache whose full-attention layers are ``PreallocatedLayer``s of ``capacity`` positions;
+    models with other layer kinds (sliding windows, linear attention) keep their default layers."""
+    cache = DynamicCache(config=model.config)
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
 
 
 def shared_prefix_length(prompts: list[list[int]]) -> int:

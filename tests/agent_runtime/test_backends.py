@@ -122,6 +122,29 @@ def test_shared_prefix_leaves_every_row_a_token_of_its_own():
     assert shared_prefix_length([[5]]) == 0
 
 
+def test_preallocated_layer_matches_concatenation():
+    torch = pytest.importorskip("torch")
+    from transformers.cache_utils import DynamicLayer
+
+    from agent_runtime.backends.transformers_backend import PreallocatedLayer
+
+    gen = torch.Generator().manual_seed(0)
+    prefix = (torch.randn(1, 2, 5, 4, generator=gen), torch.randn(1, 2, 5, 4, generator=gen))
+    layers = [PreallocatedLayer(capacity=7), DynamicLayer()]  # capacity 7 < 5 + 3 + 1: it must grow
+    for layer in layers:
+        layer.update(*prefix)
+        layer.batch_repeat_interleave(3)
+    steps = [(torch.randn(3, 2, n, 4, generator=gen), torch.randn(3, 2, n, 4, generator=gen)) for n in (3, 1)]
+    for layer in layers:
+        layer.update(*steps[0])
+        layer.batch_select_indices(torch.tensor([0, 2]))
+        keys, values = layer.update(steps[1][0][[0, 2]], steps[1][1][[0, 2]])
+    (k1, v1), (k2, v2) = [(layer.keys, layer.values) for layer in layers]
+    assert k1.shape == (2, 2, 9, 4) and layers[0].get_seq_length() == 9
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    assert torch.equal(keys, k1)
+
+
 def test_left_pad_puts_padding_on_the_left():
     torch = pytest.importorskip("torch")
     from agent_runtime.backends.transformers_backend import left_pad
