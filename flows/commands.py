@@ -105,7 +105,9 @@ def check_models(cfg, command: str) -> None:
     for backend in backends:
         if backend.kind in ("transformers", "vllm"):
             resolve_model(backend.model)
-    if command in ("train", "run", "evaluate"):
+    trains = command in ("train", "run") or (
+        command == "evaluate" and any(m.model in ("agent_student", "cot_student") for m in cfg.evaluate.methods))
+    if trains:
         resolve_model(cfg.train.base_model)
 
 

@@ -49,7 +49,8 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_student(self) -> PipelineConfig:
-        for name, train in (("train", self.train), ("cot_student.train", self.cot_student.train)):
+        checked = [("train", self.train)] + [("cot_student.train", self.cot_student.train)] * self.cot_student.enabled
+        for name, train in checked:
             if train.base_model != self.student.model:
                 raise ValueError(f"{name}.base_model ({train.base_model!r}) must be the student model "
                                  f"({self.student.model!r}): the adapter is evaluated on top of it")
