@@ -32,9 +32,14 @@ def store() -> ArtifactStore:
 # ----------------------------------------------------------------------------- inspection
 
 def query(args) -> int:
+    import duckdb
+
     from storage.catalog import query as run_query
 
-    columns, rows = run_query(store().root, args.sql)
+    try:
+        columns, rows = run_query(store().root, args.sql)
+    except duckdb.Error as exc:  # a mistake in the user's SQL: DuckDB's message says where
+        raise ValueError(f"query failed: {' '.join(str(exc).split())}") from exc
     sys.stdout.write(format_rows(columns, rows, args.format))
     return 0
 

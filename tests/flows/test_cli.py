@@ -42,6 +42,13 @@ def test_query_formats(home, capsys, fmt, expected):
     assert capsys.readouterr().out == expected
 
 
+def test_bad_sql_is_one_line_and_exit_2(home):
+    result = cli("query", "select no_such_column from artifacts", home=home)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
+    assert "query failed" in result.stderr and "no_such_column" in result.stderr
+
+
 def test_unknown_set_key_is_one_line_and_exit_2(home):
     result = cli("index", "--set", "index.no_such_key=1", home=home)
     assert result.returncode == 2
