@@ -1,0 +1,114 @@
+"""Rollouts and evaluation survive SIGKILL: a re-run finishes without redoing the finished parts/shards
+(their files keep their modification times) and without doing any question twice."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from storage.catalog import query
+
+ACTION = "Thought: answer.\nCode:\n```py\nimport time\ntime.sleep({seconds})\nfinal_answer('4')\n```<end_code>"
+
+
+def write_inputs(tmp_path, seconds: float) -> dict[str, str]:
+    """A 4-document corpus, 12 questions whose answer is 4, and a script that sleeps, then answers 4."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "title": f"T{i}", "text": f"text {i}"}) + "\n"
+                              for i in range(4)))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + 4 - {i}?", "answer": "4"})
+                                 + "\n" for i in range(12)))
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps([ACTION.format(seconds=seconds)] * 100))
+    return {"corpus": str(corpus), "questions": str(questions), "script": str(script)}
+
+
+def start(home, command: str, config):
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "--home", str(home), command, "--config",
+                             str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def kill_after_first_file(home, command: str, config, pattern: str) -> dict[str, int]:
+    """Start ``command``, SIGKILL its process group once a file matching ``pattern`` exists, and return the
+    finished files with their mtimes. The stage must not have finished (no manifest)."""
+    process = start(home, command, config)
+    deadline = time.time() + 900
+    while time.time() < deadline and process.poll() is None and not list(home.glob(pattern)):
+        time.sleep(0.2)
+    assert list(home.glob(pattern)), f"nothing written before the deadline:\n{process.stdout.read()}"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    stage = pattern.split("/")[0]
+    assert not list(home.glob(f"{stage}/*/manifest.json"))  # killed before finishing
+    return {p.name: p.stat().st_mtime_ns for p in home.glob(pattern)}
+
+
+def rerun_and_check_untouched(home, command: str, config, pattern: str, before: dict[str, int]) -> dict[str, int]:
+    again = start(home, command, config)
+    output, _ = again.communicate(timeout=900)
+    assert again.returncode == 0, output
+    after = {p.name: p.stat().st_mtime_ns for p in home.glob(pattern)}
+    for name, mtime in before.items():  # finished files were not redone
+        assert after[name] == mtime
+    return after
+
+
+@pytest.fixture
+def rollout_config(tmp_path):
+    paths = write_inputs(tmp_path, seconds=1.5)
+    config = tmp_path / "rollout.yaml"
+    config.write_text(f"""
+index: {{corpus: {{source: "{paths['corpus']}"}}}}
+sandbox: {{workers: 1}}
+teacher: {{kind: scripted, model: scripted, script: "{paths['script']}"}}
+rollout:
+  datasets: [{{name: sums, source: "{paths['questions']}", kind: math}}]
+  num_parts: 6
+  agent: {{max_steps: 2}}
+""")
+    return config
+
+
+@pytest.fixture
+def evaluate_config(tmp_path):
+    paths = write_inputs(tmp_path, seconds=1.0)
+    config = tmp_path / "evaluate.yaml"
+    config.write_text(f"""
+index: {{corpus: {{source: "{paths['corpus']}"}}}}
+sandbox: {{workers: 1}}
+student: {{kind: scripted, model: scripted, script: "{paths['script']}"}}
+train: {{base_model: scripted}}
+evaluate:
+  datasets: [{{name: sums, source: "{paths['questions']}", kind: math}}]
+  methods: [{{name: agent, model: student, mode: agent}}]
+  num_shards: 6
+  max_workers: 1
+  agent: {{max_steps: 2}}
+""")
+    return config
+
+
+def test_sigkill_mid_rollout_then_rerun_gives_every_question_once(rollout_config, home):
+    pattern = "trajectories/*/episodes/part-*.parquet"
+    before = kill_after_first_file(home, "rollout", rollout_config, pattern)
+    rerun_and_check_untouched(home, "rollout", rollout_config, pattern, before)
+    rows = query(home, "select count(*), count(distinct question_id), sum(correct::int) from episodes")[1]
+    assert rows == [(12, 12, 12)]
+    assert query(home, "select count(*) from steps")[1] == [(12,)]
+
+
+def test_sigkill_mid_evaluation_then_rerun_predicts_every_question_once(evaluate_config, home):
+    pattern = "evals/*/predictions/part-*.parquet"
+    before = kill_after_first_file(home, "evaluate", evaluate_config, pattern)
+    assert 0 < len(before) < 6
+    after = rerun_and_check_untouched(home, "evaluate", evaluate_config, pattern, before)
+    assert len(after) == 6
+    rows = query(home, "select count(*), count(distinct question_id), sum(correct::int) from predictions")[1]
+    assert rows == [(12, 12, 12)]
+    assert query(home, "select method, dataset, n, accuracy from metrics")[1] == [("agent", "sums", 12, 1.0)]
