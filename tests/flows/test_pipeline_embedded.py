@@ -63,4 +63,4 @@ reevaluate: {{enabled: false}}
     reports = list(home.glob("evals/*/report.md"))
     assert len(reports) == 1 and "agent-distilled" in reports[0].read_text()
     assert list(reports[0].parent.glob("*.png"))
-    assert (home / "adapters" / adapter_id / "adapter_model.safetensors").is_file()
+    assert (home / "adapters" / adapter_id / "adapter" / "adapter_model.safetensors").is_file()
