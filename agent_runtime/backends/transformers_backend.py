@@ -136,7 +136,9 @@ class TransformersGenerator:
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
-        sampler = RowSampler(seeds, sampling.temperature, sampling.top_p, self.device) if sampling.temperature > 0 else None
+        sampler = None
+        if sampling.temperature > 0:
+            sampler = RowSampler(seeds, sampling.temperature, sampling.top_p, self.device)
         stops = StopChecker(self.tokenizer, sampling.stop, self.eos_ids)
         new: list[list[int]] = [[] for _ in prompts]
         stopped_at: list[int | None] = [None] * count

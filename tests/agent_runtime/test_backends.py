@@ -109,7 +109,7 @@ def test_row_sampler_draws_do_not_depend_on_the_other_rows():
     assert [row[1] for row in together] != [row[0] for row in alone]  # another seed, other draws
     # Row 0 has left the batch: batch position 0 is now row 1 and keeps drawing with row 1's generator.
     assert draws([11, 12], scores, [1]) == [[row[1]] for row in together]
-    assert set(sum(alone, [])) <= set(range(50))
+    assert {token for draw in alone for token in draw} <= set(range(50))
 
 
 def test_shared_prefix_leaves_every_row_a_token_of_its_own():
@@ -138,7 +138,7 @@ def test_preallocated_layer_matches_concatenation():
     for layer in layers:
         layer.update(*steps[0])
         layer.batch_select_indices(torch.tensor([0, 2]))
-        keys, values = layer.update(steps[1][0][[0, 2]], steps[1][1][[0, 2]])
+        keys, _ = layer.update(steps[1][0][[0, 2]], steps[1][1][[0, 2]])
     (k1, v1), (k2, v2) = [(layer.keys, layer.values) for layer in layers]
     assert k1.shape == (2, 2, 9, 4) and layers[0].get_seq_length() == 9
     assert torch.equal(k1, k2) and torch.equal(v1, v2)

@@ -15,8 +15,8 @@ CORPUS = "".join(json.dumps({"id": str(i), "title": f"T{i}", "text": f"text {i}"
 
 
 def cli(home, *args):
-    return subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(home), *args], capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(home), *args], check=False,
+                          capture_output=True, text=True, timeout=600)
 
 
 def config(tmp_path, dataset: str, teacher: str = "{kind: scripted, model: scripted}") -> str:
@@ -80,13 +80,15 @@ def test_unreachable_teacher_endpoint_is_named(tmp_path, home, built_index):
         port = probe.getsockname()[1]
     dataset = tmp_path / "questions.jsonl"
     dataset.write_text('{"id": "q1", "question": "What is 1 + 1?", "answer": "2"}\n')
-    teacher = f"{{kind: openai, model: teacher, base_url: 'http://127.0.0.1:{port}/v1', max_retries: 1, timeout_s: 5}}"
+    teacher = (f"{{kind: openai, model: teacher, base_url: 'http://127.0.0.1:{port}/v1', "
+               "max_retries: 1, timeout_s: 5}")
     result = cli(home, "rollout", "--config", config(tmp_path, str(dataset), teacher))
     assert_one_line(result, f"127.0.0.1:{port}")
     assert_untouched(home, built_index)
 
 
-@pytest.mark.parametrize("command", [["sandbox", "-c", "print(1)", "--index"], ["retriever", "serve", "--index"]])
+@pytest.mark.parametrize("command", [["sandbox", "-c", "print(1)", "--index"],
+                                     ["retriever", "serve", "--index"]])
 def test_index_id_that_does_not_exist_is_named(home, built_index, command):
     result = cli(home, *command, "0123456789abcdef")
     assert_one_line(result, "0123456789abcdef")
