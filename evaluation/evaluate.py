@@ -70,6 +70,10 @@ class EvalConfig(BaseModel):
     address: str | None = Field(None, description="Dask scheduler address for runner 'dask' (None: a local cluster)")
     limit: int | None = Field(None, ge=1, description="take only the first N questions of each dataset")
 
+    def distilled_models(self) -> set[str]:
+        """The trained students (``agent_student``, ``cot_student``) some method evaluates."""
+        return {m.model for m in self.methods} & {"agent_student", "cot_student"}
+
 
 def agent_config_for(method: MethodConfig, cfg: EvalConfig) -> AgentConfig:
     sag = cfg.sag.model_copy(update={"enabled": True}) if method.sag else SagConfig()

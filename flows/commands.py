@@ -110,9 +110,7 @@ def check_models(cfg, command: str) -> None:
     for backend in backends:
         if backend.kind in ("transformers", "vllm"):
             resolve_model(backend.model)
-    trains = command in ("train", "run") or (
-        command == "evaluate" and any(m.model in ("agent_student", "cot_student") for m in cfg.evaluate.methods))
-    if trains:
+    if command in ("train", "run") or (command == "evaluate" and cfg.evaluate.distilled_models()):
         resolve_model(cfg.train.base_model)
 
 

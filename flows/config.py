@@ -49,7 +49,9 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_student(self) -> PipelineConfig:
-        checked = [("train", self.train)] + [("cot_student.train", self.cot_student.train)] * self.cot_student.enabled
+        checked = [("train", self.train)]
+        if self.cot_student.enabled:
+            checked.append(("cot_student.train", self.cot_student.train))
         for name, train in checked:
             if train.base_model != self.student.model:
                 raise ValueError(f"{name}.base_model ({train.base_model!r}) must be the student model "

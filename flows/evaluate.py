@@ -25,7 +25,7 @@ def evaluate_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = Non
     """Evaluate ``cfg.evaluate.methods`` on ``cfg.evaluate.datasets``; returns the ``evals`` artifact."""
     store = ArtifactStore(home or default_root())
     index = index_flow(cfg, home=str(store.root))
-    needed = {m.model for m in cfg.evaluate.methods} & {"agent_student", "cot_student"}
+    needed = cfg.evaluate.distilled_models()
     if adapters is None and needed:
         from flows.train import train_flow
 

@@ -9,14 +9,7 @@ import sys
 import pytest
 
 from storage.catalog import query
-
-CORPUS = [
-    {"id": "1", "title": "Mars", "text": "Mars is the fourth planet from the Sun, known as the Red Planet."},
-    {"id": "2", "title": "Paris", "text": "Paris is the capital and largest city of France."},
-    {"id": "3", "title": "Nile", "text": "The Nile is a major river in northeastern Africa."},
-    {"id": "4", "title": "Jupiter", "text": "Jupiter is the largest planet in the Solar System."},
-    {"id": "5", "title": "Berlin", "text": "Berlin is the capital of Germany."},
-]
+from tests.flows.test_pipeline import CORPUS
 
 
 @pytest.mark.slow
