@@ -65,8 +65,10 @@ class EvalConfig(BaseModel):
     sag: SagConfig = Field(SagConfig(enabled=True, n=4), description="SAG settings of methods with sag: true")
     cot_max_new_tokens: int = Field(512, ge=1, description="token limit of a CoT answer")
     num_shards: int = Field(2, ge=1, description="shards per (method, dataset); one Prefect task each")
-    max_workers: int = Field(2, ge=1, description="shards run at once by the local thread runner")
-    runner: Literal["threads", "dask"] = Field("threads", description="Prefect task runner for the shards")
+    max_workers: int = Field(2, ge=1, description="shards run at once by the local runners")
+    runner: Literal["threads", "processes", "dask"] = Field(
+        "threads", description="how shards run: threads of the flow's process; processes, one per shard with "
+                               "cpu_count // max_workers torch threads each; or a Dask cluster")
     address: str | None = Field(None, description="Dask scheduler address for runner 'dask' (None: a local cluster)")
     limit: int | None = Field(None, ge=1, description="take only the first N questions of each dataset")
 

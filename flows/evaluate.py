@@ -1,11 +1,14 @@
 """Flow: sharded evaluation of baselines and students, then metrics and a report. CLI: ``distillery evaluate``.
 
-The shards of every (method, dataset) are mapped over Prefect's task runner: threads locally, a Dask
-cluster with ``evaluate.runner: dask`` (``--runner dask --address tcp://…``), and one process per GPU
-on a multi-GPU machine. Methods that need a distilled student train it first (cached as usual).
+The shards of every (method, dataset) are mapped over Prefect's task runner: threads locally
+(``evaluate.runner: threads``), one process per shard with ``cores // max_workers`` CPU threads each
+(``processes``), a Dask cluster (``dask``, ``--address tcp://…``), and one process per GPU on a
+multi-GPU machine. Methods that need a distilled student train it first (cached as usual).
 """
 
 from __future__ import annotations
+
+import os
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -16,7 +19,7 @@ from flows.index import index_flow
 from flows.plans import plan_evaluate
 from storage.store import ArtifactRef, ArtifactStore, default_root
 from tasks.caching import bind
-from tasks.evaluate import ShardJob, evaluate_shard, finish_evaluation
+from tasks.evaluate import ShardJob, ShardPin, evaluate_shard, finish_evaluation
 
 
 @flow(name="evaluate", log_prints=True)
@@ -34,15 +37,25 @@ def evaluate_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = Non
     plan = plan_evaluate(store, cfg, index, adapters)
     if not store.exists(plan.ref):
         jobs = shard_jobs(cfg, plan.ref, index, adapters)
-        run_shards.with_options(task_runner=task_runner(cfg))(jobs, gpu_count())
+        run_shards.with_options(task_runner=task_runner(cfg))(jobs, shard_pins(cfg, len(jobs), gpu_count()))
     return bind(finish_evaluation, plan)(plan)
 
 
 @flow(name="evaluate-shards")
-def run_shards(jobs: list[ShardJob], gpus: int = 0) -> list[int]:
-    """Map the shards over this flow's task runner; with GPUs, shard i is pinned to GPU i mod count."""
-    pins = [i % gpus for i in range(len(jobs))] if gpus > 1 else [None] * len(jobs)
+def run_shards(jobs: list[ShardJob], pins: list[ShardPin | None]) -> list[int]:
+    """Map the shards over this flow's task runner, each with its pin (see :func:`shard_pins`)."""
     return evaluate_shard.map(jobs, pins).result()
+
+
+def shard_pins(cfg: PipelineConfig, count: int, gpus: int) -> list[ShardPin | None]:
+    """With several GPUs shard i runs on GPU i mod count; with runner ``processes`` each shard runs in its
+    own process with ``cores // max_workers`` threads; otherwise in the runner's worker."""
+    threads = None
+    if cfg.evaluate.runner == "processes":
+        threads = max(1, (os.cpu_count() or 1) // cfg.evaluate.max_workers)
+    if gpus > 1:
+        return [ShardPin(gpu=i % gpus, threads=threads) for i in range(count)]
+    return [ShardPin(threads=threads) if threads else None] * count
 
 
 def shard_jobs(cfg: PipelineConfig, eval_ref: ArtifactRef, index: ArtifactRef,

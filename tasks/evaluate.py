@@ -1,9 +1,11 @@
 """Prefect tasks: one evaluation shard, and the metrics + report of a finished evaluation.
 
 A shard is (method, dataset, shard index); it writes ``predictions/part-<n>.parquet`` atomically and is
-skipped when that file exists, so a killed evaluation resumes without redoing finished shards. On a
-machine with several GPUs each shard runs in its own process pinned with ``CUDA_VISIBLE_DEVICES``
-(``python -m tasks.evaluate JOB.json``), since CUDA cannot start in a forked worker.
+skipped when that file exists, so a killed evaluation resumes without redoing finished shards. A shard
+runs in the flow's worker, or in its own process (``python -m tasks.evaluate JOB.json``): pinned with
+``CUDA_VISIBLE_DEVICES`` on a machine with several GPUs (CUDA cannot start in a forked worker), or with
+its own number of CPU threads (runner ``processes``), so that shards side by side do not share, and
+fight over, one process's intra-op thread pool.
 """
 
 from __future__ import annotations
@@ -80,16 +82,40 @@ def run_shard(job: ShardJob) -> int:
     return len(rows)
 
 
+class ShardPin(BaseModel):
+    """Where a shard runs: in the worker (nothing set), or in a subprocess on one GPU and/or N CPU threads."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gpu: int | None = None
+    threads: int | None = None
+
+    def env(self) -> dict[str, str]:
+        env = {}
+        if self.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.gpu)
+        if self.threads is not None:
+            # torch sizes its intra-op pool from OMP_NUM_THREADS when it is imported.
+            env |= {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+        return env
+
+
 @task(name="evaluate-shard", retries=1, retry_delay_seconds=5)
-def evaluate_shard(job: ShardJob, gpu: int | None = None) -> int:
-    """One shard in this process, or in a subprocess pinned to ``gpu``."""
-    if gpu is None:
+def evaluate_shard(job: ShardJob, pin: ShardPin | None = None) -> int:
+    """One shard in this process, or in a subprocess pinned as ``pin`` says."""
+    if pin is None or not pin.env():
         return run_shard(job)
+    if job.path.is_file():
+        return -1
     job_path = job.eval_ref.path / "jobs" / f"shard-{job.part:05d}.json"
     job_path.parent.mkdir(parents=True, exist_ok=True)
     job_path.write_text(job.model_dump_json())
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
-    subprocess.run([sys.executable, "-m", "tasks.evaluate", str(job_path)], env=env, check=True)
+    done = subprocess.run([sys.executable, "-m", "tasks.evaluate", str(job_path)],
+                          env={**os.environ, **pin.env()}, check=False)
+    if done.returncode != 0:
+        method, dataset = job.cfg.methods[job.method_index].name, job.cfg.datasets[job.dataset_index].name
+        raise RuntimeError(f"evaluation shard {job.shard} of {method} on {dataset} failed in its process "
+                           f"(exit {done.returncode}; job {job_path}); its error is in the log above")
     return json.loads(job_path.with_suffix(".done").read_text())["rows"]
 
 
@@ -130,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     """Subprocess entry: ``python -m tasks.evaluate JOB.json`` runs one shard."""
     job_path = Path((argv or sys.argv[1:])[0])
     rows = run_shard(ShardJob.model_validate_json(job_path.read_text()))
-    job_path.with_suffix(".done").write_text(json.dumps({"rows": rows}))
+    torch = sys.modules.get("torch")  # imported by the model or the retriever's embedder
+    threads = torch.get_num_threads() if torch is not None else None
+    job_path.with_suffix(".done").write_text(json.dumps({"rows": rows, "torch_threads": threads}))
     return 0
 
 

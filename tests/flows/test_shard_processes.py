@@ -1,0 +1,67 @@
+"""Evaluation runner ``processes``: each shard in its own Python process with its own CPU thread count."""
+
+import json
+import os
+
+import pytest
+
+from flows.config import PipelineConfig
+from flows.evaluate import shard_pins
+from storage.catalog import query
+from tasks.evaluate import ShardPin
+
+ACTION = "Thought: answer.\nCode:\n```py\nfinal_answer('4')\n```<end_code>"
+
+
+def test_pins_give_each_process_its_share_of_the_cores():
+    cfg = PipelineConfig.model_validate({"evaluate": {"runner": "processes", "max_workers": 2}})
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert shard_pins(cfg, 3, gpus=0) == [ShardPin(threads=threads)] * 3
+    assert ShardPin(threads=threads).env() == {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    assert [p.gpu for p in shard_pins(cfg, 3, gpus=2)] == [0, 1, 0]
+    threaded = PipelineConfig.model_validate({"evaluate": {"runner": "threads"}})
+    assert shard_pins(threaded, 2, gpus=0) == [None, None]
+    assert shard_pins(threaded, 2, gpus=2) == [ShardPin(gpu=0), ShardPin(gpu=1)]
+    assert ShardPin(gpu=1).env() == {"CUDA_VISIBLE_DEVICES": "1"}
+
+
+def config(tmp_path, script) -> PipelineConfig:
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "title": f"T{i}", "text": f"text {i}"}) + "\n"
+                              for i in range(4)))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + 4 - {i}?", "answer": "4"})
+                                 + "\n" for i in range(6)))
+    return PipelineConfig.model_validate({
+        "index": {"corpus": {"source": str(corpus)}},
+        "sandbox": {"workers": 1},
+        "teacher": {"kind": "scripted", "model": "scripted", "script": str(script)},
+        "evaluate": {"datasets": [{"name": "sums", "source": str(questions), "kind": "math"}],
+                     "methods": [{"name": "agent", "model": "teacher"}], "agent": {"max_steps": 2},
+                     "num_shards": 2, "max_workers": 2, "runner": "processes"},
+    })
+
+
+def test_processes_runner_runs_each_shard_in_its_own_process(tmp_path, home, prefect_harness):
+    from flows.evaluate import evaluate_flow
+
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps([ACTION] * 20))
+    ref = evaluate_flow(config(tmp_path, script), home=str(home))
+    rows = query(home, "select shard, count(*), count(distinct question_id), sum(correct::int) from predictions "
+                       "group by 1 order by 1")[1]
+    assert sum(r[1] for r in rows) == 6 and all(r[1] == r[2] == r[3] for r in rows)
+    done = sorted((ref.path / "jobs").glob("shard-*.done"))
+    assert len(done) == 2  # both shards ran through the subprocess entry point
+    reports = [json.loads(p.read_text()) for p in done]
+    assert sum(r["rows"] for r in reports) == 6
+    assert {r["torch_threads"] for r in reports} == {max(1, (os.cpu_count() or 1) // 2)}
+
+
+def test_a_shard_that_fails_in_its_process_names_the_shard(tmp_path, home, prefect_harness):
+    from flows.evaluate import evaluate_flow
+
+    with pytest.raises(RuntimeError, match=r"evaluation shard \d of agent on sums failed in its process"):
+        evaluate_flow(config(tmp_path, tmp_path / "missing-script.json"), home=str(home))
+    assert not list(home.glob("evals/*/predictions/*.parquet"))
+    assert not list(home.glob("evals/*/manifest.json"))
