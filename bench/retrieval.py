@@ -28,6 +28,7 @@ The full vital-articles index (default config: MiniLM, Flat) is built once into 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -59,6 +60,7 @@ DATA_NOISE, QUERY_NOISE = 0.5, 0.8
 def bench_build(docs: int, batch_size: int) -> dict:
     """build_index vs bare SentenceTransformer.encode on the same passages."""
     import pyarrow.parquet as pq
+    import torch
     from sentence_transformers import SentenceTransformer
 
     from storage.models import resolve_embedder
@@ -71,13 +73,17 @@ def bench_build(docs: int, batch_size: int) -> dict:
         rows = pq.read_table(Path(tmp) / "index" / "passages.parquet").to_pylist()
     texts = [join_contents(r["title"], r["text"]) for r in rows]
     model = SentenceTransformer(str(resolve_embedder(cfg.embedder).path), device="cpu", local_files_only=True)
-    model.encode(texts[:batch_size], batch_size=batch_size)  # warm-up, as the build's first batch is cold too
-    raw_cpu, started = time.process_time(), time.perf_counter()
-    model.encode(texts, batch_size=batch_size, normalize_embeddings=True)
-    raw_seconds, raw_cpu = time.perf_counter() - started, time.process_time() - raw_cpu
+    # The bare baseline runs in the precision the build used (bf16 autocast on CPUs with native bf16).
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(meta["precision"])
+    with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
+        model.encode(texts[:batch_size], batch_size=batch_size)  # warm-up, as the build's first batch is cold too
+        raw_cpu, started = time.process_time(), time.perf_counter()
+        model.encode(texts, batch_size=batch_size, normalize_embeddings=True)
+        raw_seconds, raw_cpu = time.perf_counter() - started, time.process_time() - raw_cpu
     build_rate, raw_rate = meta["count"] / meta["build_seconds"], len(texts) / raw_seconds
     return {
         "passages": meta["count"],
+        "precision": meta["precision"],
         "build_per_s": build_rate,
         "raw_per_s": raw_rate,
         "ratio": build_rate / raw_rate,

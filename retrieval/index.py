@@ -37,9 +37,9 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from retrieval.corpus import CorpusConfig, CorpusStats, corpus_fingerprint, iter_passages, join_contents
-from retrieval.embed import Embedder
-from storage.store import temp_prefix
+from retrieval.embed import Embedder, Precision
 from retrieval.retriever import PASSAGES_SCHEMA, PassageTable, Retriever
+from storage.store import temp_prefix
 
 if TYPE_CHECKING:
     import faiss  # imported where used: it takes seconds to load
@@ -74,6 +74,9 @@ class IndexConfig(BaseModel):
     )
     encode_chunk: int = Field(2048, ge=1, description="passages read, embedded and written per step")
     device: str = Field("auto", description="embedding device: auto (CUDA when present), cpu, cuda, cuda:1")
+    precision: Precision = Field(
+        "auto", description="embedding precision (autocast): auto = bf16 on CPUs with native bf16, fp16 on "
+                            "CUDA, else fp32; or fp32, bf16, fp16")
     use_gpu: bool = Field(True, description="put the FAISS index on the GPUs when there are any")
     gpu_fp16: bool = Field(False, description="store GPU index vectors in float16 (half the memory)")
     gpu_shard: bool = Field(False, description="split the index across GPUs instead of replicating it")
@@ -95,7 +98,7 @@ def build_index(cfg: IndexConfig, out_dir: Path, progress: bool = True) -> dict:
     """
     started = time.perf_counter()
     fingerprint = corpus_fingerprint(cfg.corpus)  # fails fast on a missing corpus, before loading a model
-    embedder = Embedder(cfg.embedder, cfg.device, cfg.batch_size)
+    embedder = Embedder(cfg.embedder, cfg.device, cfg.batch_size, cfg.precision)
     index = new_faiss_index(cfg.index_type, embedder.dim)
     stats = CorpusStats()
     with _staged(Path(out_dir)) as tmp:
@@ -174,6 +177,7 @@ def load_index(
     *,
     device: str = "auto",
     batch_size: int = 32,
+    precision: Precision = "auto",
     use_gpu: bool = True,
     gpu_fp16: bool = False,
     gpu_shard: bool = False,
@@ -198,7 +202,7 @@ def load_index(
     for name in (INDEX_FILE, PASSAGES_FILE):
         if not (index_dir / name).is_file():
             raise IndexArtifactError(f"{index_dir} is not a complete index: {name} is missing")
-    model = Embedder(embedder, device, batch_size)
+    model = Embedder(embedder, device, batch_size, precision)
     built_with = (meta["dim"], meta["query_prefix"], meta["passage_prefix"])
     if (model.dim, model.query_prefix, model.passage_prefix) != built_with:
         raise IndexArtifactError(

@@ -46,7 +46,7 @@ def _retriever(index_path: str, cfg: IndexConfig):
 
     from retrieval.index import load_index
 
-    return load_index(Path(index_path), cfg.embedder, device=cfg.device, use_gpu=cfg.use_gpu,
+    return load_index(Path(index_path), cfg.embedder, device=cfg.device, precision=cfg.precision, use_gpu=cfg.use_gpu,
                       gpu_fp16=cfg.gpu_fp16, gpu_shard=cfg.gpu_shard, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
 
 

@@ -253,3 +253,27 @@ def test_vital_articles_title_queries_find_their_article_first(tmp_path):
     firsts = [hits[0] for hits in retriever.search(sample, k=1)]
     assert [p.title for p in firsts] == sample
     assert all(p.id == p.title or p.id.startswith(p.title + "#") for p in firsts)
+
+
+def test_precision_auto_follows_the_hardware_and_half_precision_keeps_the_vectors():
+    import torch
+
+    from retrieval.embed import resolve_precision
+
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_precision("auto", "cpu") == ("bf16" if native_bf16 else "fp32")
+    assert resolve_precision("auto", "cuda:1") == "fp16"
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    texts = [join_contents(title, ARTICLES[title]) for title in TITLES]
+    full = Embedder("minilm-l6-v2", device="cpu", precision="fp32")
+    half = Embedder("minilm-l6-v2", device="cpu", precision="bf16")
+    assert (full.meta()["precision"], half.meta()["precision"]) == ("fp32", "bf16")
+    a, b = full.encode_passages(texts), half.encode_passages(texts)
+    assert b.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    cosine = (a * b).sum(axis=1)
+    assert cosine.min() > 0.999, cosine
+    # The same nearest neighbour for every title query.
+    queries = TITLES
+    nearest = [(full.encode_queries(queries) @ a.T).argmax(1), (half.encode_queries(queries) @ b.T).argmax(1)]
+    assert nearest[0].tolist() == nearest[1].tolist() == list(range(len(TITLES)))
