@@ -73,8 +73,11 @@ class StepClock:
 
 
 def bare_loop(cfg, examples: list[list[dict]]) -> StepClock:
-    """Plain forward+backward+step over the micro-batches train_lora would use (the ceiling)."""
+    """Plain forward+backward+step over the micro-batches train_lora would use (the ceiling), in the
+    precision train_lora picks (bf16 autocast on CPUs with native bf16)."""
     import torch
+
+    from storage.models import cpu_has_native_bf16
 
     from training.sft import (
         collate,
@@ -98,7 +101,9 @@ def bare_loop(cfg, examples: list[list[dict]]) -> StepClock:
         count = sum(label_tokens(data.examples, b) for b in batches)
         for indices in batches:
             batch = collate(data.examples, indices, tokenizer.pad_token_id, "cpu")
-            (summed_token_loss(model, batch) / count).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native_bf16()):
+                loss = summed_token_loss(model, batch) / count
+            loss.backward()
             tokens += sum(len(data.examples[i].input_ids) for i in indices)
         optimizer.step()
         optimizer.zero_grad()

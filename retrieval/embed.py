@@ -26,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 
-from storage.models import resolve_embedder
+from storage.models import cpu_has_native_bf16, resolve_embedder
 
 E5_PREFIXES = ("query: ", "passage: ")
 _PASSAGE_PROMPT_NAMES = ("document", "passage", "corpus")
@@ -51,11 +51,9 @@ def resolve_precision(precision: Precision, device: str) -> str:
     """``auto`` → fp16 on CUDA, bf16 on a CPU with native bfloat16 matmuls, else fp32."""
     if precision != "auto":
         return precision
-    import torch
-
     if device.startswith("cuda"):
         return "fp16"
-    return "bf16" if device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    return "bf16" if device == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
 def prefixes_for(spec: str, prompts: dict[str, str | None]) -> tuple[str, str]:

@@ -12,8 +12,9 @@ load the base model and wrap it with LoRA → run the optimizer steps, checkpoin
   step, and with the restored optimizer, scheduler and RNG states the losses continue exactly.
 - ``max_steps`` stops early without changing the schedule (it is computed from ``epochs``), so a run
   stopped at step 5 and resumed to 10 equals a run of 10 steps.
-- float32 on CPU; bf16 weights with bf16 autocast on GPU (float32 weights under FSDP, whose flat
-  parameters need one dtype while PEFT keeps LoRA weights in float32).
+- bf16 weights with bf16 autocast on GPU (float32 weights under FSDP, whose flat parameters need one
+  dtype while PEFT keeps LoRA weights in float32); on a CPU float32 weights, under bf16 autocast when
+  the CPU multiplies bf16 natively (AVX-512 BF16 / AMX), else plain float32.
 - The adapter never uses ``modules_to_save``, so vLLM can serve it.
 
 Run it in-process (``train_lora``) or through ``accelerate launch`` (see ``training/launch.py``).
@@ -232,10 +233,13 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def make_accelerator(cfg: TrainConfig):
-    """The one place that picks the device and precision: bf16 autocast on CUDA, float32 on CPU."""
+    """The one place that picks the device and precision: bf16 autocast on CUDA and on CPUs with native
+    bf16 matmuls (float32 weights there), else float32."""
     from accelerate import Accelerator
 
-    precision = "bf16" if torch.cuda.is_available() else "no"
+    from storage.models import cpu_has_native_bf16
+
+    precision = "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "no"
     return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision)
 
 

@@ -46,7 +46,8 @@ class BackendConfig(BaseModel):
         "auto", description="transformers: 'auto' (cuda if available, else cpu), 'cpu', 'cuda:0', ..."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="transformers/vllm weights dtype; auto = float32 on CPU, bfloat16 on GPU"
+        "auto", description="transformers/vllm weights dtype; auto = bfloat16 on GPU and on CPUs with native bf16, "
+                            "else float32"
     )
     batch_size: int = Field(
         16, ge=1, description="transformers: max sequences per generate() call (requests x n)"
