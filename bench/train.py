@@ -78,7 +78,6 @@ def bare_loop(cfg, examples: list[list[dict]]) -> StepClock:
     import torch
 
     from storage.models import cpu_has_native_bf16
-
     from training.sft import (
         collate,
         label_tokens,
