@@ -57,3 +57,26 @@ def plan_evaluate(store: ArtifactStore, cfg: PipelineConfig, index: ArtifactRef,
         "adapters": {kind: ref.id for kind, ref in sorted(adapters.items())},
     }
     return store.plan_stage("evals", identity, [index.id, *(ref.id for _, ref in sorted(adapters.items()))])
+
+
+def cached_pipeline(store: ArtifactStore, cfg: PipelineConfig) -> dict[str, ArtifactRef] | None:
+    """The pipeline's results if every stage it would run already exists, else None.
+
+    Computes each stage's id exactly as the flows do (index → prefixes → rollouts → sft_data →
+    adapters → evals) without running anything, so a repeated ``distillery run`` can answer from the
+    store without starting Prefect.
+    """
+    index = plan_index(store, cfg).ref
+    prefixes = plan_prefixes(store, cfg).ref if cfg.rollout.use_prefixes or cfg.cot_student.enabled else None
+    trajectories = plan_rollout(store, cfg, index, prefixes if cfg.rollout.use_prefixes else None).ref
+    sources = {"agent": (trajectories, cfg.train)}
+    if cfg.cot_student.enabled:
+        sources["cot"] = (prefixes, cfg.cot_student.train)
+    adapters = {kind: plan_train(store, train_cfg, plan_sft_data(store, cfg, source, kind).ref).ref
+                for kind, (source, train_cfg) in sources.items()}
+    needed = cfg.evaluate.distilled_models()
+    evaluation = plan_evaluate(store, cfg, index, {k: r for k, r in adapters.items() if f"{k}_student" in needed}).ref
+    stages = [index, trajectories, *adapters.values(), evaluation] + ([prefixes] if prefixes is not None else [])
+    if not all(store.exists(ref) for ref in stages):
+        return None
+    return {**{f"adapter_{kind}": ref for kind, ref in adapters.items()}, "evaluation": evaluation}

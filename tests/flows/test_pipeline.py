@@ -85,7 +85,10 @@ def tiny_setup(tmp_path, tiny_student, monkeypatch):  # noqa: F811
 def test_pipeline_runs_every_stage_with_lineage_and_reuses_them(tiny_setup, home, prefect_harness):
     from flows.pipeline import pipeline_flow
 
+    from flows.plans import cached_pipeline
+
     cfg, generator = tiny_setup
+    assert cached_pipeline(ArtifactStore(home), cfg) is None  # nothing built yet
     results = pipeline_flow(cfg, home=str(home))
     store = ArtifactStore(home)
     stages = {m["stage"]: m for m in store.list()}
@@ -122,9 +125,12 @@ def test_pipeline_runs_every_stage_with_lineage_and_reuses_them(tiny_setup, home
     calls = len(generator.calls)
     again = pipeline_flow(cfg, home=str(home))
     assert again == results and len(generator.calls) == calls
+    # `distillery run` answers a repeat from the store: the ids it computes are the flows' ids.
+    assert cached_pipeline(store, cfg) == results
 
     # Changing only an evaluation setting re-runs only the evaluation.
     changed = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"num_shards": 3})})
     third = pipeline_flow(changed, home=str(home))
     assert third["adapter_agent"] == results["adapter_agent"] and third["evaluation"] != results["evaluation"]
     assert len(store.list("trajectories")) == 1 and len(store.list("evals")) == 2
+    assert cached_pipeline(store, changed) == third
