@@ -84,7 +84,6 @@ def tiny_setup(tmp_path, tiny_student, monkeypatch):  # noqa: F811
 
 def test_pipeline_runs_every_stage_with_lineage_and_reuses_them(tiny_setup, home, prefect_harness):
     from flows.pipeline import pipeline_flow
-
     from flows.plans import cached_pipeline
 
     cfg, generator = tiny_setup
