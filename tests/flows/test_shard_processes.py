@@ -9,8 +9,7 @@ from flows.config import PipelineConfig
 from flows.evaluate import shard_pins
 from storage.catalog import query
 from tasks.evaluate import ShardPin
-
-ACTION = "Thought: answer.\nCode:\n```py\nfinal_answer('4')\n```<end_code>"
+from tests.flows.test_resume import write_inputs
 
 
 def test_pins_give_each_process_its_share_of_the_cores():
@@ -25,13 +24,10 @@ def test_pins_give_each_process_its_share_of_the_cores():
     assert ShardPin(gpu=1).env() == {"CUDA_VISIBLE_DEVICES": "1"}
 
 
-def config(tmp_path, script) -> PipelineConfig:
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"id": str(i), "title": f"T{i}", "text": f"text {i}"}) + "\n"
-                              for i in range(4)))
-    questions = tmp_path / "q.jsonl"
-    questions.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + 4 - {i}?", "answer": "4"})
-                                 + "\n" for i in range(6)))
+def config(tmp_path, script=None) -> PipelineConfig:
+    """The resume tests' inputs (12 questions answered 4 by a script) evaluated in 2 shard processes."""
+    paths = write_inputs(tmp_path, seconds=0)
+    corpus, questions, script = paths["corpus"], paths["questions"], script or paths["script"]
     return PipelineConfig.model_validate({
         "index": {"corpus": {"source": str(corpus)}},
         "sandbox": {"workers": 1},
@@ -45,16 +41,14 @@ def config(tmp_path, script) -> PipelineConfig:
 def test_processes_runner_runs_each_shard_in_its_own_process(tmp_path, home, prefect_harness):
     from flows.evaluate import evaluate_flow
 
-    script = tmp_path / "script.json"
-    script.write_text(json.dumps([ACTION] * 20))
-    ref = evaluate_flow(config(tmp_path, script), home=str(home))
+    ref = evaluate_flow(config(tmp_path), home=str(home))
     rows = query(home, "select shard, count(*), count(distinct question_id), sum(correct::int) from predictions "
                        "group by 1 order by 1")[1]
-    assert sum(r[1] for r in rows) == 6 and all(r[1] == r[2] == r[3] for r in rows)
+    assert sum(r[1] for r in rows) == 12 and all(r[1] == r[2] == r[3] for r in rows)
     done = sorted((ref.path / "jobs").glob("shard-*.done"))
     assert len(done) == 2  # both shards ran through the subprocess entry point
     reports = [json.loads(p.read_text()) for p in done]
-    assert sum(r["rows"] for r in reports) == 6
+    assert sum(r["rows"] for r in reports) == 12
     assert {r["torch_threads"] for r in reports} == {max(1, (os.cpu_count() or 1) // 2)}
 
 
