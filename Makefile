@@ -10,7 +10,9 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast lint server clean
 
+# Every setup verifies the assembled Qwen GGUFs (SHA-256) and re-assembles a missing or corrupted one.
 setup: $(STAMP)
+	@$(VENV)/bin/distillery models install
 
 $(STAMP): pyproject.toml Makefile constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -1,25 +1,19 @@
 """The OpenAI-compatible backend: retries, errors and request shape against a small loopback stand-in
-server, and for real against llama-cpp-python's server serving the embedded SmolLM2 GGUF."""
+server. The real llama.cpp server (the ``llamacpp`` backend) is tested in ``test_llamacpp.py``."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-import httpx
 import pytest
 
 from agent_runtime.backends import BackendConfig, make_generator, openai_backend
 from agent_runtime.generation import GenerationError, Request, Sampling, sample_seed
 
-HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 MODEL = "smollm2-135m-instruct"
 
 
@@ -199,119 +193,3 @@ def test_unreachable_endpoint_fails_quickly_naming_the_url():
         f"{url}/chat/completions" in message and "after 3 attempt(s)" in message and "ConnectError" in message
     )
     assert elapsed < 10  # backoff 0.5 s + 1 s, not the 5 s timeout per try
-
-
-# --- the real llama.cpp server ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory):
-    """``python -m llama_cpp.server`` serving the embedded GGUF under the alias MODEL; always stopped."""
-    if not HAS_LLAMA_CPP:
-        pytest.skip(
-            "llama_cpp is not importable: pip install 'llama-cpp-python[server]' (or 'distillery[server]')"
-        )
-    from storage.models import resolve_model
-
-    src = resolve_model(MODEL)
-    port = free_port()
-    log = tmp_path_factory.mktemp("llama") / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(src.path / src.gguf_file),
-        "--model_alias",
-        MODEL,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--n_ctx",
-        "2048",
-        "--n_threads",
-        "2",
-    ]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        _wait_until_serving(url, process, log)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"llama.cpp server exited with {process.returncode}:\n{log.read_text()[-3000:]}"
-            )
-        try:
-            if httpx.get(url + "/models", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"llama.cpp server did not answer within {timeout_s} s:\n{log.read_text()[-3000:]}")
-
-
-@pytest.fixture(scope="module")
-def llama(llama_server):
-    generator = make_generator(BackendConfig(kind="openai", model=MODEL, base_url=llama_server, timeout_s=60))
-    yield generator
-    generator.close()
-
-
-@pytest.mark.slow
-@pytest.mark.llamacpp
-def test_llamacpp_samples_with_seeds_and_counts(llama):
-    sampling = Sampling(n=2, temperature=0.9, max_new_tokens=16, seed=4)
-    request = chat("Write one sentence about rivers.", seed=10)
-    [generation] = llama.generate([request], sampling)
-    first, second = generation.completions
-    assert first.text and second.text and first.text != second.text
-    assert first.prompt_tokens == second.prompt_tokens > 10
-    assert all(0 < c.completion_tokens <= 16 for c in generation.completions)
-    [again] = llama.generate([request], sampling)
-    assert [c.text for c in again.completions] == [first.text, second.text]  # seeds are honoured
-
-
-@pytest.mark.slow
-@pytest.mark.llamacpp
-def test_llamacpp_stop_strings_are_cut(llama):
-    sampling = Sampling(max_new_tokens=40, stop=("e", "a"))
-    [generation] = llama.generate([chat("Describe the weather in three sentences.")], sampling)
-    [completion] = generation.completions
-    assert completion.finish_reason == "stop"
-    assert "e" not in completion.text and "a" not in completion.text
-    assert completion.completion_tokens < 10
-
-
-@pytest.mark.slow
-@pytest.mark.llamacpp
-def test_llamacpp_continue_final_goes_through_completions(llama):
-    prefix = "The capital of France is"
-    request = Request(
-        [
-            {"role": "user", "content": "What is the capital of France?"},
-            {"role": "assistant", "content": prefix},
-        ],
-        continue_final=True,
-    )
-    [generation] = llama.generate([request], Sampling(max_new_tokens=8))
-    [completion] = generation.completions
-    assert llama._continue_mode == "completions"  # llama-cpp-python's chat API cannot continue a turn
-    assert "Paris" in completion.text and prefix not in completion.text
-    rendered = llama._tokenizer.apply_chat_template(
-        request.messages, tokenize=False, continue_final_message=True
-    )
-    assert completion.prompt_tokens == len(llama._tokenizer(rendered, add_special_tokens=False).input_ids)

@@ -1,0 +1,141 @@
+"""llama.cpp backend: a GGUF model served by xllamacpp's embedded llama.cpp server in a child process.
+
+``LlamaCppGenerator`` starts ``agent_runtime.backends.llamacpp_server`` (``cfg.slots`` parallel slots,
+continuous batching, prompt cache) on a free loopback port, waits for it, and sends requests through the
+OpenAI-compatible client (``OpenAIGenerator``) with ``cfg.slots`` requests in flight, so a batch of
+agent episodes is decoded together. ``close()`` stops the server; the server also dies with this
+process. A PEFT LoRA adapter (``cfg.adapter``) is converted to a GGUF LoRA adapter once
+(``lora_gguf.gguf_adapter_for``) and applied by the server.
+
+An assistant prefix (FTP) is continued through the chat API: llama.cpp's server prefills a trailing
+assistant message and returns it with its continuation; the prefix is cut off here.
+
+If the server dies (killed, out of memory), the next call raises one ``GenerationError`` that names
+the backend, the model, the exit status and the server's last log lines.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from agent_runtime.backends import BackendConfig
+from agent_runtime.backends.openai_backend import OpenAIGenerator
+from agent_runtime.generation import Generation, GenerationError, Request, Sampling
+
+START_TIMEOUT_S = 600.0  # loading a 1.5B GGUF takes seconds; a busy 2-core machine can take minutes
+
+
+def gguf_path(spec: str) -> Path:
+    """The GGUF file of a model spec (embedded name, .gguf path, or a folder holding one GGUF)."""
+    from storage.models import ModelNotAvailable, resolve_model
+
+    src = resolve_model(spec)
+    if src.gguf_file:
+        return src.path / src.gguf_file
+    found = sorted(src.path.glob("*.gguf"))
+    if len(found) != 1:
+        raise ModelNotAvailable(f"the llamacpp backend needs a GGUF file; {spec!r} resolves to {src.path}, "
+                                f"which holds {len(found)} .gguf files")
+    return found[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class LlamaCppGenerator:
+    """``Generator`` over a llama.cpp server that this object starts and stops."""
+
+    def __init__(self, cfg: BackendConfig):
+        self.cfg = cfg
+        model = gguf_path(cfg.model)
+        lora = None
+        if cfg.adapter:
+            from agent_runtime.backends.lora_gguf import gguf_adapter_for
+
+            lora = gguf_adapter_for(Path(cfg.adapter), model)
+        self.name = f"llamacpp:{cfg.model}" + (f"+{Path(cfg.adapter).name}" if cfg.adapter else "")
+        self._log = tempfile.NamedTemporaryFile(prefix="llamacpp-", suffix=".log", delete=False)
+        port = free_port()
+        cmd = [sys.executable, "-m", "agent_runtime.backends.llamacpp_server", "--model", str(model),
+               "--alias", cfg.model, "--port", str(port), "--slots", str(cfg.slots),
+               "--ctx-per-slot", str(cfg.ctx_per_slot), "--threads", str(cfg.threads or cpu_threads()),
+               "--cache-ram-mib", str(cfg.cache_ram_mib), "--quiet"]
+        if lora is not None:
+            cmd += ["--lora", str(lora)]
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self.base_url = self._wait_ready()
+        client_cfg = cfg.model_copy(update={"base_url": f"{self.base_url}/v1", "concurrency": cfg.slots})
+        self._client = OpenAIGenerator(client_cfg, continue_mode="prefill")
+
+    def generate(self, requests: list[Request], sampling: Sampling) -> list[Generation]:
+        self._check_alive()
+        try:
+            return self._client.generate(requests, sampling)
+        except GenerationError as exc:
+            self._check_alive(exc)
+            raise
+
+    def close(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 10 s) and close the client."""
+        client = getattr(self, "_client", None)
+        if client is not None:
+            client.close()
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._log.close()
+        Path(self._log.name).unlink(missing_ok=True)
+
+    def _wait_ready(self) -> str:
+        """Read the server's READY line; a GenerationError with its log if it exits or times out first."""
+        found: list[str] = []
+
+        def read() -> None:
+            for line in self._proc.stdout:
+                if line.startswith("READY "):
+                    found.append(line.split()[1])
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(START_TIMEOUT_S)
+        if found:
+            return found[0]
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+            raise GenerationError(f"{self.name}: the llama.cpp server did not start within {START_TIMEOUT_S:.0f} s"
+                                  f"{self._log_tail()}")
+        self._check_alive()
+        raise GenerationError(f"{self.name}: the llama.cpp server closed its output before it was ready")
+
+    def _check_alive(self, cause: Exception | None = None) -> None:
+        code = self._proc.poll()
+        if code is None:
+            return
+        status = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        raise GenerationError(f"{self.name}: the llama.cpp server (pid {self._proc.pid}) {status}"
+                              f"{self._log_tail()}") from cause
+
+    def _log_tail(self, lines: int = 5) -> str:
+        time.sleep(0.1)  # let the child's last write land
+        tail = Path(self._log.name).read_text(errors="replace").strip().splitlines()[-lines:]
+        return ("; its last log lines: " + " | ".join(tail)) if tail else ""
