@@ -1,45 +1,81 @@
-"""Grade an agent's final answer against the gold answer.
+r"""Grade an agent's final answer against the gold answer.
 
 Two grader families, both pure functions of (prediction, gold):
 
-- ``math``: a numeric rule for GSM-style decimal golds (relative tolerance 1e-4, thousands separators,
-  percent, currency and unit words tolerated), then symbolic equivalence with math-verify for
-  everything else (fractions, radicals, tuples, intervals, sets, equations), then a normalised string
-  comparison when neither side can be parsed.
+- ``math``: numeric rules that follow how the gold is written (below), then symbolic equivalence with
+  math-verify for everything else (fractions, radicals, tuples, intervals, sets, equations), then a
+  normalised string comparison when neither side can be parsed.
 - ``qa``: SQuAD-style normalisation, exact match, token F1 and cover-EM (the normalised gold occurs
   in the normalised prediction as a whole-token span). ``correct`` is cover-EM; EM and F1 are recorded.
+
+Numeric rules (method ``numeric``), used when the gold is a plain decimal number and the prediction a
+plain number or a fraction. Thousands separators (``13,138,980``), a sign, currency (``\$``), unit words
+(``42 apples``, ``5.4 \text{ cents}``, ``90^\circ``), scientific notation (``4.46752e-05``) and
+``\boxed{}`` are read on both sides; a percent sign on either side also admits the value / 100
+(``25%`` = ``0.25``). Float noise in the last digits of a value written with 15 or more significant
+digits (``561161.7000000001``, ``3313620.6879999996``) is read as the short decimal it stands for.
+
+- An integral gold (``13138980``, ``13138980.0``) needs exactly that integer: ``13138980``,
+  ``13,138,980`` and ``1.313898e7`` are right; ``13138981``, ``13139000`` and ``13140000`` are wrong.
+- A gold with a short exact decimal expansion, at most :data:`EXACT_MAX_DECIMALS` decimals
+  (``963739.5``, ``18.90``), needs exactly that value: ``963739.5``, ``963739.50`` and ``1927479/2`` are
+  right; ``963739`` and ``963740`` are wrong.
+- A gold with more decimals is taken as a rounding of a repeating or irrational value: a float
+  (``33.333333333333336``, ``66.66666666666667``) or a value rounded to 10 decimals (GSM-Hard's
+  ``5031.9785714286``). It accepts a prediction with at least two decimals and two significant digits
+  that equals the gold rounded to that many decimals (``33.33`` and ``33.333333`` for
+  ``33.333333333333336``, ``66.67`` for ``66.66666666666667``, ``0.000045`` for ``4.46752e-05``;
+  ``33.3``, ``33.34`` and ``33`` are wrong for the first, ``0.00`` for the last), or any prediction
+  equal to the gold to the gold's own precision (``100/3``).
+
+A gold written as an exact fraction or radical (``\frac{14}{3}``, ``\sqrt{2}/2``) is not a plain
+number: math-verify matches it symbolically, so ``14/3`` is right and the rounding ``4.6667`` is wrong.
+math-verify runs in a worker process under a real time limit (:mod:`evaluation.symbolic`); a
+comparison that exceeds :data:`SYMBOLIC_TIMEOUT_S` is graded incorrect with method ``timeout``.
 
 An optional :class:`LLMJudge` asks a model (any ``Generator``, e.g. the openai backend) whether a QA
 prediction matches the gold, with a fixed prompt at temperature 0.
 
 Every :class:`Grade` records the method that decided it and the normalised strings it compared, so a
-surprising verdict can be audited from the predictions table.
+surprising verdict can be audited from the predictions table. :data:`GRADER_VERSION` names the rules;
+``distillery regrade`` re-scores a stored evaluation with the current ones.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import string
-import threading
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
+from decimal import Decimal
 from fractions import Fraction
 from typing import Literal
 
 from agent_runtime.generation import Generator, Request, Sampling
+from evaluation.symbolic import Verdict, compare
 
 Gold = str | list[str] | None
 
-# GSM-Hard golds are floats computed by a program (3.3333333, 561161.7000000001): a relative
-# tolerance accepts a correctly rounded answer without accepting a different one.
-NUMERIC_REL_TOL = 1e-4
-# Absolute floor for golds that are exactly zero, where a relative tolerance accepts nothing.
-NUMERIC_ABS_TOL = 1e-9
-# math-verify's own timeouts rely on SIGALRM, which only works in the main thread (Prefect runs tasks in
-# worker threads). Off the main thread we disable them and rely on _too_complex_for_sympy instead.
-MATH_VERIFY_TIMEOUT_S = 3
+# Bump when a change can turn a verdict; evaluations record it and `distillery regrade` re-scores with it.
+# 1: relative tolerance 1e-4 on every numeric gold. 2: numeric rules that follow the gold (above).
+GRADER_VERSION = "2"
+# Exact decimals of a gold seen as a value in itself; a gold with more is seen as a rounding. In GSM-Hard's
+# 500 test golds the 61 non-integral exact ones have 1-4 decimals (11656320.9375), the 47 roundings 8-10.
+EXACT_MAX_DECIMALS = 6
+# A prediction rounding a repeating or irrational gold states at least this many decimals...
+MIN_ROUNDED_DECIMALS = 2
+# ...and this many significant digits (so "0.00" is no rounding of 4.46752e-05).
+MIN_ROUNDED_SIGNIFICANT = 2
+# Float arithmetic is off by a few units in the last place (0.1 + 0.2 = 0.30000000000000004).
+FLOAT_NOISE_ULPS = 4
+# Time limit of one symbolic comparison (parsing both sides and verifying), enforced by killing the worker.
+SYMBOLIC_TIMEOUT_S = 5.0
+# Inputs sympy is known to choke on are not sent at all (a killed worker costs a restart).
 MAX_SYMPY_CHARS = 300
+# Decimal exponents beyond this are not plain numbers ("1e100000000" would build a 100-million-digit int).
+MAX_EXPONENT = 400
 
 
 @dataclass(frozen=True)
@@ -150,7 +186,7 @@ def extract_answer(text: str) -> str | None:
 
 
 def grade_math(pred: str, gold: str) -> Grade:
-    """Grade a math answer: numeric rule for decimal golds, else math-verify, else string equality.
+    """Grade a math answer: numeric rules for decimal golds, else math-verify, else string equality.
 
     ``pred`` may contain a ``\\boxed{}`` (its content is graded) or short prose ("x = 5", "42 apples").
     """
@@ -163,9 +199,12 @@ def grade_math(pred: str, gold: str) -> Grade:
             ok = _numbers_match(pred_num, gold_num)
             return Grade(ok, float(ok), "numeric", p, g)
     if not (_too_complex_for_sympy(p) or _too_complex_for_sympy(g)):
-        verdict = _math_verify(p, g)
-        if verdict is not None:
-            return Grade(verdict, float(verdict), "math_verify", p, g)
+        verdict = compare(p, g, SYMBOLIC_TIMEOUT_S)
+        if verdict is Verdict.TIMEOUT:
+            return Grade(False, 0.0, "timeout", p, g)
+        if verdict is not Verdict.UNPARSED:
+            ok = verdict is Verdict.EQUAL
+            return Grade(ok, float(ok), "math_verify", p, g)
     ok = _latex_canonical(p) == _latex_canonical(g)
     return Grade(ok, float(ok), "string", p, g)
 
@@ -196,38 +235,99 @@ _FRACTION = re.compile(
 
 @dataclass(frozen=True)
 class _Number:
-    value: float
+    """A number as written: its exact value and the precision it was written with."""
+
+    value: Fraction
+    decimals: int | None  # digits after the point, scientific notation resolved; None for a fraction
+    significant: int  # significant digits written (0 for zero and for a fraction)
     percent: bool
+
+    def per_cent(self) -> _Number:
+        """The value / 100, written with two more decimals ("25%" -> 0.25)."""
+        decimals = None if self.decimals is None else self.decimals + 2
+        return _Number(self.value / 100, decimals, self.significant, False)
 
 
 def _parse_number(text: str, allow_fraction: bool) -> _Number | None:
-    """A numeric value if ``text`` is a plain number (fractions only when ``allow_fraction``)."""
+    """The number ``text`` is, if it is a plain number (or a fraction, when ``allow_fraction``)."""
     t = text.replace("−", "-").replace("{,}", ",").replace("\\!", "").replace("\\,", "")
     t = re.sub(r"\\(?:text|textnormal|mbox|mathrm)\{([^{}]*)\}", r"\1", t)
     t = re.sub(r"\^\s*\{?\\circ\}?|°", "", t).strip()
     m = _PLAIN_NUMBER.match(t)
     if m:
-        value = float(m.group("num").replace(",", ""))
-        return _Number(-value if m.group("sign") == "-" else value, m.group("pct") is not None)
+        number = Decimal(m.group("num").replace(",", ""))
+        if abs(number.as_tuple().exponent) > MAX_EXPONENT:
+            return None
+        if m.group("sign") == "-":
+            number = -number
+        return _denoised(_decimal_number(number, m.group("pct") is not None))
     m = _FRACTION.match(t) if allow_fraction else None
     if m:
         num, den = (m.group("a"), m.group("b")) if m.group("a") else (m.group("c"), m.group("d"))
         if int(den) == 0:
             return None
-        value = float(Fraction(int(num), int(den)))
-        return _Number(-value if m.group("sign") else value, False)
+        value = Fraction(int(num), int(den))
+        return _Number(-value if m.group("sign") else value, None, 0, False)
     return None
 
 
+def _decimal_number(number: Decimal, percent: bool) -> _Number:
+    _, digits, exponent = number.as_tuple()
+    significant = len("".join(map(str, digits)).lstrip("0"))
+    return _Number(Fraction(number), max(0, -exponent), significant, percent)
+
+
+def _denoised(number: _Number) -> _Number:
+    """A value written with 15+ significant digits, read as the shortest decimal within float noise of it.
+
+    Only such values can be float output, and only in them does noise show: 561161.7000000001 is
+    561161.7, 852828.6363636367 stays a rounding of a repeating value (852828.636363637, 15 digits).
+    """
+    noise = _float_noise(number.value)
+    if number.significant < 15 or number.decimals == 0 or not noise:
+        return number
+    as_float = float(number.value)
+    for digits in range(1, 18):
+        shorter = Decimal(f"{as_float:.{digits - 1}e}")
+        if abs(Fraction(shorter) - number.value) <= noise:
+            return _decimal_number(shorter, number.percent)
+    return number
+
+
 def _numbers_match(pred: _Number, gold: _Number) -> bool:
-    # "25%" and "0.25" are the same answer; a percent on either side also admits the value / 100.
-    preds = {pred.value, pred.value / 100} if pred.percent else {pred.value}
-    golds = {gold.value, gold.value / 100} if gold.percent else {gold.value}
-    for p in preds:
-        for g in golds:
-            if abs(p - g) <= max(NUMERIC_REL_TOL * abs(g), NUMERIC_ABS_TOL):
-                return True
-    return False
+    """The numeric rules of the module docstring; a percent on either side also admits the value / 100."""
+    preds = [pred, pred.per_cent()] if pred.percent else [pred]
+    golds = [gold, gold.per_cent()] if gold.percent else [gold]
+    return any(_value_matches(p, g) for p in preds for g in golds)
+
+
+def _value_matches(pred: _Number, gold: _Number) -> bool:
+    if _exact_decimals(gold.value) <= EXACT_MAX_DECIMALS:
+        return pred.value == gold.value  # an integer or a short exact decimal: nothing else is right
+    decimals = gold.decimals
+    if (pred.decimals is not None and pred.decimals >= MIN_ROUNDED_DECIMALS
+            and pred.significant >= MIN_ROUNDED_SIGNIFICANT):
+        decimals = min(decimals, pred.decimals)  # a rounding to the prediction's own decimals
+    # Half a unit in the last decimal kept is what "equals the gold rounded to that many decimals" allows;
+    # the float noise term lets 100/3 equal 33.333333333333336, which is 2.7e-15 away.
+    tolerance = max(Fraction(1, 2 * 10**decimals), _float_noise(gold.value))
+    return abs(pred.value - gold.value) <= tolerance
+
+
+def _float_noise(value: Fraction) -> Fraction:
+    """How far float arithmetic may put a result from ``value``; 0 beyond the float range."""
+    try:
+        return FLOAT_NOISE_ULPS * Fraction(math.ulp(float(value)))
+    except OverflowError:  # a 400-digit answer is no float output
+        return Fraction(0)
+
+
+def _exact_decimals(value: Fraction) -> int:
+    """How many decimals it takes to write ``value`` exactly (values here always have a finite expansion)."""
+    decimals = 0
+    while (value * 10**decimals).denominator != 1:
+        decimals += 1
+    return decimals
 
 
 def _too_complex_for_sympy(text: str) -> bool:
@@ -239,74 +339,6 @@ def _too_complex_for_sympy(text: str) -> bool:
     if re.search(r"\^\s*\{[^{}]*\^|\^\s*\d+\s*\^|\*\*\s*\(?\s*\d+\s*\)?\s*\*\*", text):
         return True  # power towers: 9^{9^{9}}, 9^9^9, 9**9**9
     return bool(re.search(r"\d{4,}\s*!", text))  # 100000! is evaluated exactly
-
-
-# Words that occur in math answers; any other word of 3+ letters means the answer is prose.
-_MATH_WORDS = {
-    "sqrt",
-    "frac",
-    "dfrac",
-    "tfrac",
-    "pi",
-    "infty",
-    "inf",
-    "sin",
-    "cos",
-    "tan",
-    "log",
-    "ln",
-    "exp",
-    "cup",
-    "cap",
-    "left",
-    "right",
-    "cdot",
-    "times",
-    "circ",
-    "text",
-    "and",
-    "or",
-    "mbox",
-}
-
-
-def _looks_like_prose(text: str) -> bool:
-    """True when ``text`` has a lowercase word of 3+ letters outside LaTeX commands and known functions.
-
-    Commands with a word argument (``\\begin{pmatrix}``, ``\\text{ feet}``) are LaTeX; capitalised runs
-    like ``ABC`` name points in geometry answers.
-    """
-    bare = re.sub(r"\\[A-Za-z]+(?:\{[A-Za-z* ]*\})?", " ", text)
-    words = re.findall(r"\b[A-Za-z]*[a-z][A-Za-z]*\b", bare)
-    return any(len(w) >= 3 and w.lower() not in _MATH_WORDS for w in words)
-
-
-def _plain_to_latex(text: str) -> str:
-    """Spell plain-text math the way the LaTeX parser expects ("pi" -> "\\pi", "oo" -> "\\infty")."""
-    text = re.sub(r"(?<!\\)\bpi\b", r"\\pi", text)
-    text = re.sub(r"(?<!\\)\b(?:oo|inf|infinity)\b", r"\\infty", text)
-    return re.sub(r"\s+U\s+", r" \\cup ", text)
-
-
-def _math_verify(pred: str, gold: str) -> bool | None:
-    """math-verify's verdict, or None when either side does not parse to a math object."""
-    from math_verify import parse, verify  # heavy import (sympy, antlr) kept off module import
-
-    in_main = threading.current_thread() is threading.main_thread()
-    timeout = MATH_VERIFY_TIMEOUT_S if in_main else None
-    gold_parsed = parse(f"${gold}$", parsing_timeout=timeout)
-    if not gold_parsed:
-        return None
-    if _looks_like_prose(pred):
-        # Prose ("the total is 42 apples") must not be read as LaTeX products of letters.
-        pred_parsed = parse(pred, parsing_timeout=timeout)
-    else:
-        pred_parsed = parse(f"${_plain_to_latex(pred)}$", parsing_timeout=timeout) or parse(
-            pred, parsing_timeout=timeout
-        )
-    if not pred_parsed:
-        return None
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
 
 
 def _latex_canonical(text: str) -> str:

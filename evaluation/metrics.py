@@ -10,6 +10,8 @@ Two populations, on purpose:
 - behaviour metrics (``mean_steps``, ``retrieval_calls``, error rates, ``tokens_per_question``) are over
   *every* episode of the group, scored or not, because what an episode costs and how it fails does not
   depend on whether its gold answer is known.
+
+Every row records the :data:`evaluation.grading.GRADER_VERSION` that scored the predictions.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Iterable
 
 import pyarrow as pa
 
+from evaluation.grading import GRADER_VERSION
 from storage.schemas import METRICS, rows_to_table
 
 # Without these a row cannot be placed in a group or scored.
@@ -25,7 +28,7 @@ REQUIRED_COLUMNS = ("question_id", "model", "method", "dataset", "correct", "exc
 # Without these the corresponding metric is null (e.g. em/f1 for math, retrieval calls of a baseline).
 OPTIONAL_COLUMNS = (
     "adapter", "em", "f1", "retrieval_calls", "parse_errors", "exec_errors",
-    "prompt_tokens", "completion_tokens",
+    "prompt_tokens", "completion_tokens", "grade_method",
 )
 
 GroupKey = tuple[str, "str | None", str, str]
@@ -56,6 +59,9 @@ def compute_metrics(predictions: pa.Table, artifact_id: str) -> pa.Table:
       when those episodes took no step. ``exec_error_rate`` likewise with ``exec_errors``.
     - ``tokens_per_question``: mean of ``prompt_tokens + completion_tokens`` over all episodes that
       record both.
+    - ``grade_timeouts``: scored episodes graded incorrect because symbolic grading hit its time limit
+      (``grade_method`` "timeout").
+    - ``grader_version``: :data:`evaluation.grading.GRADER_VERSION`, the grader of these predictions.
 
     Raises :class:`PredictionsError` for a missing required column, a null group key, a null
     ``excluded``, a scored episode with null ``correct``, or error counts above ``num_steps``.
@@ -134,6 +140,8 @@ def _group_metrics(key: GroupKey, rows: list[dict], artifact_id: str) -> dict:
         "parse_error_rate": _step_rate(rows, "parse_errors"),
         "exec_error_rate": _step_rate(rows, "exec_errors"),
         "tokens_per_question": _mean(tokens),
+        "grade_timeouts": sum(1 for r in scored if r["grade_method"] == "timeout"),
+        "grader_version": GRADER_VERSION,
     }
 
 

@@ -2,8 +2,9 @@
 
 ``write_report(out_dir, metrics, predictions)`` writes into an evaluation artifact folder:
 
-- ``report.md``: the title, the Table-2 table (rows = model · method, columns = datasets + Average,
-  accuracy in %), a per-dataset detail table and the plots as relative image links;
+- ``report.md``: the title, which grader version scored the predictions (and how many answers hit
+  the symbolic grading time limit), the Table-2 table (rows = model · method, columns = datasets +
+  Average, accuracy in %), a per-dataset detail table and the plots as relative image links;
 - ``accuracy_by_dataset.png``: grouped bars, one bar per model · method row in every dataset;
 - ``accuracy_by_level.png``: accuracy per difficulty level, only for datasets whose predictions carry a
   ``level`` (MATH's levels 1–5);
@@ -209,6 +210,7 @@ def _report_markdown(title: str, metrics: pa.Table, rows: list[dict], plots: lis
     parts = [f"# {title}", ""]
     if ids:
         parts += ["Evaluation artifact " + ", ".join(f"`{i}`" for i in ids) + ".", ""]
+    parts += [_grader_line(rows), ""]
     parts += [
         "## Accuracy (%)", "",
         f"Datasets: {', '.join(datasets)}. {TABLE2_NOTE}", "",
@@ -221,6 +223,17 @@ def _report_markdown(title: str, metrics: pa.Table, rows: list[dict], plots: lis
     for name in plots:
         parts += [f"![{PLOT_TITLES[name]}]({name}.png)", ""]
     return "\n".join(parts)
+
+
+def _grader_line(rows: list[dict]) -> str:
+    """Which grader scored the predictions; metrics written before grader versions say "unrecorded"."""
+    versions = sorted({r["grader_version"] for r in rows if r["grader_version"] is not None})
+    named = ", ".join(f"`{v}`" for v in versions) if versions else "unrecorded (before version 2)"
+    line = f"Graded with grader version {named} (`evaluation.grading.GRADER_VERSION`)."
+    timeouts = sum(r["grade_timeouts"] or 0 for r in rows)
+    if timeouts:
+        line += f" {timeouts} answer(s) hit the symbolic grading time limit and count as incorrect."
+    return line
 
 
 def _row_key(episode: dict) -> RowKey:

@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     artifacts.add_argument("id", nargs="?", help="artifact id (a unique prefix is enough)")
     artifacts.add_argument("--stage", help="only this stage (for list)")
 
+    regrade = commands.add_parser("regrade", help="re-grade an evaluation's stored predictions with the current "
+                                                  "grader, into a new evaluation artifact")
+    regrade.add_argument("id", help="evaluation artifact id (a unique prefix is enough)")
+
     serve = stage("serve", "serve the pipeline and stages as Prefect deployments")
     serve.add_argument("--no-schedule", action="store_true", help="do not activate the re-evaluation schedule")
     serve.add_argument("--pool", help="register the deployments in this process work pool and exit "

@@ -18,6 +18,7 @@ class StageNotBuilt(ValueError):
 
 def dispatch(args) -> int:
     handler = {
+        "regrade": regrade,
         "query": query, "artifacts": artifacts, "run": run, "index": index, "prefixes": prefixes,
         "rollout": rollout, "train": train, "evaluate": evaluate, "serve": serve, "server": server, "sandbox": sandbox,
         "retriever": retriever,
@@ -81,6 +82,20 @@ def artifacts(args) -> int:
     else:
         for depth, manifest in enumerate(current.lineage(args.id)):
             print(f"{'  ' * min(depth, 1)}{manifest['stage']}/{manifest['id']}  parents={manifest.get('parents', [])}")
+    return 0
+
+
+def regrade(args) -> int:
+    """Re-grade a stored evaluation in this process: no model runs, so no Prefect flow is needed."""
+    from evaluation.grading import GRADER_VERSION
+    from evaluation.regrade import regrade_evaluation
+    from flows.summary import print_summary
+
+    result = regrade_evaluation(store(), args.id)
+    print_summary(store(), {"evaluation": result.ref})
+    state = "existed already" if result.cached else "written"
+    print(f"\nre-graded {result.predictions} predictions of evals/{result.source.id} with grader version "
+          f"{GRADER_VERSION}: {result.changed} verdicts changed (artifact {state})")
     return 0
 
 

@@ -92,6 +92,8 @@ METRICS = pa.schema([
     ("parse_error_rate", pa.float64()),
     ("exec_error_rate", pa.float64()),
     ("tokens_per_question", pa.float64()),
+    ("grade_timeouts", pa.int64()),    # scored episodes whose symbolic grading hit the time limit
+    ("grader_version", pa.string()),   # evaluation.grading.GRADER_VERSION that scored the predictions
 ])
 
 LOSSES = pa.schema([

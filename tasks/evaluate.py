@@ -122,6 +122,7 @@ def evaluate_shard(job: ShardJob, pin: ShardPin | None = None) -> int:
 @task(name="evaluation-report", cache_key_fn=artifact_key, persist_result=True)
 def finish_evaluation(plan: StagePlan) -> ArtifactRef:
     """Metrics table, markdown report and plots from the shards' predictions; then the manifest."""
+    from evaluation.grading import GRADER_VERSION
     from evaluation.metrics import compute_metrics
     from evaluation.report import table2_markdown, write_report
 
@@ -134,7 +135,8 @@ def finish_evaluation(plan: StagePlan) -> ArtifactRef:
         artifact.write_table("metrics", metrics, METRICS)
         paths = write_report(artifact.path, metrics, predictions)
         artifact.finish({"predictions": predictions.num_rows, "metrics": metrics.num_rows},
-                        {"report": str(paths["report"]), "table": metrics.to_pylist()})
+                        {"report": str(paths["report"]), "table": metrics.to_pylist(),
+                         "grader_version": GRADER_VERSION})
     metrics = read_table(plan.ref.path, "metrics")
     if in_prefect_run():
         create_markdown_artifact(markdown=table2_markdown(metrics), key="evaluation-report",

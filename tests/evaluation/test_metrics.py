@@ -7,6 +7,7 @@ import json
 import pyarrow as pa
 import pytest
 
+from evaluation.grading import GRADER_VERSION
 from evaluation.metrics import PredictionsError, compute_metrics
 from storage.schemas import METRICS, PREDICTIONS, rows_to_table
 
@@ -148,3 +149,17 @@ def test_excluded_row_with_null_correct_is_fine():
     rows[3]["correct"] = None  # the excluded facts question
     metrics = compute_metrics(sample_predictions(rows), "x").to_pylist()
     assert (metrics[0]["n"], metrics[0]["n_excluded"], metrics[0]["accuracy"]) == (1, 1, 1.0)
+
+
+def test_grade_timeouts_are_counted_and_the_grader_version_recorded():
+    rows = [
+        {**_row("m", None, "cot", "math", q, correct, 0, 0, 0, 0, (5, 5)), "grade_method": method}
+        for q, correct, method in [("q1", False, "timeout"), ("q2", True, "numeric"), ("q3", False, "timeout"),
+                                   ("q4", False, "math_verify")]
+    ]
+    rows.append({**_row("m", None, "cot", "math", "q5", False, 0, 0, 0, 0, (5, 5), excluded=True),
+                 "grade_method": "no_gold"})
+    (row,) = compute_metrics(sample_predictions(rows), "x").to_pylist()
+    assert (row["n"], row["accuracy"], row["grade_timeouts"]) == (4, 0.25, 2)
+    assert row["grader_version"] == GRADER_VERSION
+    assert {r["grade_timeouts"] for r in compute_metrics(sample_predictions(), "x").to_pylist()} == {0}

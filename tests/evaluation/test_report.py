@@ -9,8 +9,10 @@ import pyarrow as pa
 import pytest
 from test_metrics import ADAPTER, sample_predictions, sample_rows
 
+from evaluation.grading import GRADER_VERSION
 from evaluation.metrics import PredictionsError, compute_metrics, prediction_records
 from evaluation.report import (
+    _grader_line,
     _step_error_counts,
     detail_markdown,
     row_label,
@@ -100,6 +102,18 @@ def test_write_report_writes_every_file(tmp_path):
     for name in ALL_PLOTS:
         assert f"]({name}.png)" in report
     assert sorted(p.name for p in out.iterdir()) == sorted(["report.md"] + [f"{n}.png" for n in ALL_PLOTS])
+
+
+def test_report_names_the_grader_version_and_the_grading_timeouts(tmp_path):
+    rows = sample_rows()
+    rows[1]["grade_method"] = "timeout"  # qwen-32b's wrong math answer: symbolic grading hit the limit
+    report = write_report(tmp_path, _metrics(rows), sample_predictions(rows))["report"].read_text()
+    assert (f"Graded with grader version `{GRADER_VERSION}` (`evaluation.grading.GRADER_VERSION`). "
+            "1 answer(s) hit the symbolic grading time limit and count as incorrect.") in report
+    # Metrics written before grader versions were recorded read back with nulls in both columns.
+    assert _grader_line([{"grader_version": None, "grade_timeouts": None}]) == (
+        "Graded with grader version unrecorded (before version 2) (`evaluation.grading.GRADER_VERSION`)."
+    )
 
 
 def test_no_level_plot_without_levels(tmp_path):
