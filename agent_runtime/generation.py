@@ -11,6 +11,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from storage.errors import ServiceUnavailable, UserError
+
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 
 
@@ -69,8 +71,12 @@ class Generation:
     completions: list[Completion] = field(default_factory=list)
 
 
-class GenerationError(RuntimeError):
+class GenerationError(UserError, RuntimeError):
     """A backend could not produce completions (unreachable endpoint, bad model, ...)."""
+
+
+class EndpointUnavailable(GenerationError, ServiceUnavailable):
+    """A model server did not answer (refused, timed out, 5xx) after the backend's own retries."""
 
 
 class Generator(Protocol):

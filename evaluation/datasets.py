@@ -25,13 +25,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evaluation import builtin
+from storage.errors import UserError
 
 BUILTIN_KINDS: dict[str, Literal["math", "qa"]] = {"builtin:arith": "math", "builtin:facts": "qa"}
 CANONICAL_FIELDS = ("id", "question", "answer")
 ALIASES_KEY = "answer_aliases"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset source that cannot be read; the message names the file and the example."""
 
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 import pyarrow as pa
 
 from evaluation.grading import GRADER_VERSION
+from storage.errors import UserError
 from storage.schemas import METRICS, rows_to_table
 
 # Without these a row cannot be placed in a group or scored.
@@ -34,7 +35,7 @@ OPTIONAL_COLUMNS = (
 GroupKey = tuple[str, "str | None", str, str]
 
 
-class PredictionsError(ValueError):
+class PredictionsError(UserError, ValueError):
     """A predictions table that cannot be aggregated; the message names the row and question."""
 
 

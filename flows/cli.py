@@ -1,8 +1,9 @@
 """The ``distillery`` command line.
 
 Heavy imports (torch, transformers, prefect) happen inside the commands, so ``--help`` is instant.
-User errors (bad config, unknown model, missing artifact, bad input file) print one line and exit 2;
-``--debug`` shows the traceback instead.
+User errors (``storage.errors.UserError``: bad config, unknown model, missing artifact, bad input file)
+print one line and exit 2; ``--debug`` shows the traceback instead. Any other exception is a bug and
+shows its traceback (exit 1). ``--home`` and ``--debug`` go before or after the command.
 """
 
 from __future__ import annotations
@@ -82,7 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     retriever_serve.add_argument("--index", required=True, help="index artifact id")
     retriever_serve.add_argument("--host", default="127.0.0.1")
     retriever_serve.add_argument("--port", type=int, default=8000)
+    for sub in command_parsers(parser):
+        # SUPPRESS: a value given before the command is not reset when none is given after it.
+        sub.add_argument("--home", default=argparse.SUPPRESS, help="artifact root (as before the command)")
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
+
+
+def command_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every (sub)command's parser below ``parser``, e.g. ``evaluate`` and ``retriever serve``."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += [sub, *command_parsers(sub)]
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if args.home:
         os.environ["DISTILLERY_HOME"] = str(Path(args.home).resolve())
+    from storage.errors import UserError
+
     try:
         from flows import commands
 
@@ -104,18 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # user errors are one line; bugs keep their traceback
-        if args.debug or not _is_user_error(exc):
+    except UserError as exc:  # one line; anything else is a bug and keeps its traceback (exit 1)
+        if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-
-def _is_user_error(exc: Exception) -> bool:
-    """Errors caused by input (files, configs, ids, endpoints), not by a bug in distillery."""
-    from agent_runtime.generation import GenerationError
-
-    return isinstance(exc, (ValueError, FileNotFoundError, GenerationError, NotImplementedError))
 
 
 if __name__ == "__main__":

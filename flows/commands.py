@@ -9,11 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from storage.errors import UserError
 from storage.store import ArtifactStore, default_root
-
-
-class StageNotBuilt(ValueError):
-    """A stage that this version of distillery does not have yet."""
 
 
 def dispatch(args) -> int:
@@ -40,7 +37,7 @@ def query(args) -> int:
     try:
         columns, rows = run_query(store().root, args.sql)
     except duckdb.Error as exc:  # a mistake in the user's SQL: DuckDB's message says where
-        raise ValueError(f"query failed: {' '.join(str(exc).split())}") from exc
+        raise UserError(f"query failed: {' '.join(str(exc).split())}") from exc
     sys.stdout.write(format_rows(columns, rows, args.format))
     return 0
 
@@ -76,7 +73,7 @@ def artifacts(args) -> int:
         sys.stdout.write(format_rows(columns, rows, "table"))
         return 0
     if not args.id:
-        raise ValueError(f"`distillery artifacts {args.action}` needs an artifact id")
+        raise UserError(f"`distillery artifacts {args.action}` needs an artifact id")
     if args.action == "show":
         print(json.dumps(current.manifest(args.id), indent=2, sort_keys=True))
     else:
@@ -127,10 +124,6 @@ def check_models(cfg, command: str) -> None:
             resolve_model(backend.model)
     if command in ("train", "run") or (command == "evaluate" and cfg.evaluate.distilled_models()):
         resolve_model(cfg.train.base_model)
-
-
-def not_built(stage: str) -> int:
-    raise StageNotBuilt(f"the {stage!r} stage is not built yet in this version of distillery")
 
 
 def run(args) -> int:
@@ -187,7 +180,9 @@ def train(args) -> int:
     from flows.train import train_flow
 
     if args.launcher == "accelerate" and not args.accelerate_config:
-        raise ValueError("--launcher accelerate needs --accelerate-config PATH (see configs/accelerate/)")
+        raise UserError("--launcher accelerate needs --accelerate-config PATH (see configs/accelerate/)")
+    if args.launcher == "accelerate" and not args.accelerate_config.is_file():
+        raise UserError(f"accelerate config not found: {args.accelerate_config} (see configs/accelerate/)")
     config = str(args.accelerate_config.resolve()) if args.launcher == "accelerate" else None
     adapters = train_flow(load(args), home=str(store().root), resume=args.resume, accelerate_config=config)
     for ref in adapters.values():
@@ -243,15 +238,21 @@ def sandbox(args) -> int:
 
 def read_text(path: Path) -> str:
     if not path.is_file():
-        raise FileNotFoundError(f"actions file not found: {path}")
-    return path.read_text()
+        raise UserError(f"actions file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: actions file is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
 
 
 def open_search(cfg, index_id: str):
     """A ``web_search(query) -> str`` callable backed by a stored index."""
     from tasks.resources import search_for
 
-    return search_for(store().resolve(index_id), cfg.index, cfg.search)
+    ref = store().resolve(index_id)
+    if ref.stage != "index":
+        raise UserError(f"--index {index_id}: artifact {ref.id} is a {ref.stage} artifact, not an index")
+    return search_for(ref, cfg.index, cfg.search)
 
 
 def retriever(args) -> int:

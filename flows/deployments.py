@@ -31,9 +31,10 @@ from flows.evaluate import evaluate_flow
 from flows.index import index_flow
 from flows.pipeline import pipeline_flow
 from flows.rollout import prefixes_flow, rollout_flow
+from flows.settings import ConfigError
 from flows.train import train_flow
 from storage.catalog import read_table
-from storage.store import ArtifactRef, ArtifactStore, default_root
+from storage.store import ArtifactError, ArtifactRef, ArtifactStore, default_root
 
 DEPLOYMENT_NAME = "distillery"
 """Every deployment is ``<flow name>/distillery``, e.g. ``pipeline/distillery``, ``reevaluate/distillery``."""
@@ -53,7 +54,8 @@ def reevaluate_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = N
     for adapter_id in ids:
         adapter = store.resolve(adapter_id)
         if adapter.stage != "adapters":
-            raise ValueError(f"reevaluate.adapters: {adapter_id!r} is a {adapter.stage} artifact, not an adapter")
+            raise ConfigError(f"reevaluate.adapters: {adapter_id!r} is a {adapter.stage} artifact, "
+                              "not an adapter")
         kind = adapter_kind(store, adapter)
         eval_cfg = reevaluation_config(cfg, kind, store.manifest(adapter)["config"]["train"]["base_model"])
         results[adapter.id] = evaluate_flow(eval_cfg, home=str(store.root), adapters={kind: adapter})
@@ -66,8 +68,8 @@ def newest_adapter(store: ArtifactStore) -> str:
     """The id of the most recently finished adapter under the store root."""
     manifests = store.list("adapters")
     if not manifests:
-        raise ValueError(f"no complete adapter under {store.root}: train one first (distillery train) "
-                         f"or list adapter ids in reevaluate.adapters")
+        raise ArtifactError(f"no complete adapter under {store.root}: train one first (distillery train) "
+                            f"or list adapter ids in reevaluate.adapters")
     return manifests[-1]["id"]
 
 
@@ -77,18 +79,19 @@ def adapter_kind(store: ArtifactStore, adapter: ArtifactRef) -> str:
     data = [store.manifest(p) for p in parents]
     kinds = [m["config"]["kind"] for m in data if m["stage"] == "sft_data"]
     if len(kinds) != 1:
-        raise ValueError(f"adapter {adapter.id}: expected one sft_data parent, found {parents}")
+        raise ArtifactError(f"adapter {adapter.id}: expected one sft_data parent, found {parents}")
     return kinds[0]
 
 
 def reevaluation_config(cfg: PipelineConfig, kind: str, base_model: str) -> PipelineConfig:
     """``cfg`` narrowed to the methods of the ``kind`` student, on the re-evaluation datasets."""
     if base_model != cfg.student.model:
-        raise ValueError(f"the adapter was trained on {base_model!r} but student.model is {cfg.student.model!r}; "
-                         f"set student.model to the adapter's base model")
+        raise ConfigError(f"the adapter was trained on {base_model!r} but student.model is "
+                          f"{cfg.student.model!r}; set student.model to the adapter's base model")
     methods = tuple(m for m in cfg.evaluate.methods if m.model == f"{kind}_student")
     if not methods:
-        raise ValueError(f"evaluate.methods has no method with model '{kind}_student' to evaluate a {kind} adapter")
+        raise ConfigError(f"evaluate.methods has no method with model '{kind}_student' "
+                          f"to evaluate a {kind} adapter")
     datasets = cfg.reevaluate.datasets or cfg.evaluate.datasets
     return cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"methods": methods,
                                                                                "datasets": datasets})})

@@ -17,6 +17,7 @@ from agent_runtime.backends import BackendConfig
 from flows.config import PipelineConfig
 from flows.index import index_flow
 from flows.plans import plan_evaluate
+from flows.settings import ConfigError
 from storage.store import ArtifactRef, ArtifactStore, default_root
 from tasks.caching import bind
 from tasks.evaluate import ShardJob, ShardPin, evaluate_shard, finish_evaluation
@@ -79,7 +80,7 @@ def backend_for(cfg: PipelineConfig, model: str, adapters: dict[str, ArtifactRef
         return cfg.student, None
     kind = model.removesuffix("_student")
     if kind not in adapters:
-        raise ValueError(f"method model {model!r} needs a trained {kind} adapter (enable it in the config)")
+        raise ConfigError(f"method model {model!r} needs a trained {kind} adapter (enable it in the config)")
     return cfg.student.model_copy(update={"adapter": str(adapters[kind].path / "adapter")}), adapters[kind].id
 
 
@@ -88,7 +89,8 @@ def task_runner(cfg: PipelineConfig):
         try:
             from prefect_dask import DaskTaskRunner
         except ImportError:
-            raise ValueError("evaluate.runner 'dask' needs the dask extra: pip install 'distillery[dask]'") from None
+            raise ConfigError("evaluate.runner 'dask' needs the dask extra: "
+                              "pip install 'distillery[dask]'") from None
         return DaskTaskRunner(address=cfg.evaluate.address) if cfg.evaluate.address else DaskTaskRunner()
     return ThreadPoolTaskRunner(max_workers=cfg.evaluate.max_workers)
 

@@ -10,11 +10,13 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from storage.errors import UserError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PROFILE = CONFIG_DIR / "demo.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A profile or an override is invalid."""
 
 

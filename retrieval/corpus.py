@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from storage.errors import UserError
 from storage.models import package_dir
 
 CorpusFormat = Literal["auto", "searchr1", "jsonl", "parquet", "vital-articles"]
@@ -62,7 +63,7 @@ class CorpusConfig(BaseModel):
     skip_bad_lines: bool = Field(False, description="skip and count malformed records instead of failing")
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """The corpus cannot be read as configured; the message names the file (and line or row)."""
 
 

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from retrieval.corpus import CorpusConfig, CorpusStats, corpus_fingerprint, iter_passages, join_contents
 from retrieval.embed import Embedder, Precision
 from retrieval.retriever import PASSAGES_SCHEMA, PassageTable, Retriever
+from storage.errors import UserError
 from storage.store import temp_prefix
 
 if TYPE_CHECKING:
@@ -82,11 +83,11 @@ class IndexConfig(BaseModel):
     gpu_shard: bool = Field(False, description="split the index across GPUs instead of replicating it")
 
 
-class IndexArtifactError(ValueError):
+class IndexArtifactError(UserError, ValueError):
     """An index directory is missing, incomplete, or does not match the configured embedder."""
 
 
-class IndexBuildError(ValueError):
+class IndexBuildError(UserError, ValueError):
     """The index cannot be built as configured (bad index type, too few vectors to train)."""
 
 

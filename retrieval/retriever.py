@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrieval.corpus import join_contents, split_contents
+from storage.errors import ServiceUnavailable
 
 if TYPE_CHECKING:
     import faiss
@@ -60,7 +61,7 @@ class SearchBackend(Protocol):
     def search(self, queries: list[str], k: int = 3) -> list[list[Passage]]: ...
 
 
-class RetrieverUnavailable(RuntimeError):
+class RetrieverUnavailable(ServiceUnavailable, RuntimeError):
     """The remote retriever could not be reached or answered with an error."""
 
 

@@ -15,8 +15,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from storage.errors import UserError
 
-class ModelNotAvailable(ValueError):
+
+class ModelNotAvailable(UserError, ValueError):
     """The spec names nothing loadable on this machine."""
 
 

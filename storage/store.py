@@ -25,6 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.errors import UserError
 from storage.schemas import conform
 
 MANIFEST = "manifest.json"
@@ -40,7 +41,7 @@ STAGE_CODE = {
 }
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError, ValueError):
     """An artifact is missing, incomplete or unreadable."""
 
 

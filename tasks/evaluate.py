@@ -28,11 +28,13 @@ from evaluation.evaluate import EvalConfig, evaluate_questions
 from evaluation.rollout import split_parts, with_limit
 from retrieval.index import IndexConfig
 from storage.catalog import read_table
+from storage.errors import UserError
 from storage.schemas import METRICS, PREDICTIONS
 from storage.store import ArtifactError, ArtifactRef, ArtifactStore, StagePlan, atomic_write_table, part_name
 from tasks.caching import artifact_key
 from tasks.publish import in_prefect_run, publish_artifact
 from tasks.resources import SearchConfig, generator_for, search_for
+from tasks.retries import is_transient
 
 
 class ShardJob(BaseModel):
@@ -100,7 +102,7 @@ class ShardPin(BaseModel):
         return env
 
 
-@task(name="evaluate-shard", retries=1, retry_delay_seconds=5)
+@task(name="evaluate-shard", retries=1, retry_delay_seconds=5, retry_condition_fn=is_transient)
 def evaluate_shard(job: ShardJob, pin: ShardPin | None = None) -> int:
     """One shard in this process, or in a subprocess pinned as ``pin`` says."""
     if pin is None or not pin.env():
@@ -114,6 +116,8 @@ def evaluate_shard(job: ShardJob, pin: ShardPin | None = None) -> int:
                           env={**os.environ, **pin.env()}, check=False)
     if done.returncode != 0:
         method, dataset = job.cfg.methods[job.method_index].name, job.cfg.datasets[job.dataset_index].name
+        if job_path.with_suffix(".error").is_file():  # a user error: one line, and not retried
+            raise UserError(job_path.with_suffix(".error").read_text())
         raise RuntimeError(f"evaluation shard {job.shard} of {method} on {dataset} failed in its process "
                            f"(exit {done.returncode}; job {job_path}); its error is in the log above")
     return json.loads(job_path.with_suffix(".done").read_text())["rows"]
@@ -157,7 +161,12 @@ def check_unique(predictions: pa.Table, where: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Subprocess entry: ``python -m tasks.evaluate JOB.json`` runs one shard."""
     job_path = Path((argv or sys.argv[1:])[0])
-    rows = run_shard(ShardJob.model_validate_json(job_path.read_text()))
+    job_path.with_suffix(".error").unlink(missing_ok=True)
+    try:
+        rows = run_shard(ShardJob.model_validate_json(job_path.read_text()))
+    except UserError as exc:  # the parent re-raises it as the shard's error
+        job_path.with_suffix(".error").write_text(str(exc))
+        raise
     torch = sys.modules.get("torch")  # imported by the model or the retriever's embedder
     threads = torch.get_num_threads() if torch is not None else None
     job_path.with_suffix(".done").write_text(json.dumps({"rows": rows, "torch_threads": threads}))

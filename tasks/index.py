@@ -9,9 +9,11 @@ from retrieval.index import build_index as build_faiss_index
 from storage.store import ArtifactRef, ArtifactStore, StagePlan
 from tasks.caching import artifact_key
 from tasks.publish import publish_artifact
+from tasks.retries import is_transient
 
 
-@task(name="build-index", cache_key_fn=artifact_key, persist_result=True, retries=1, retry_delay_seconds=5)
+@task(name="build-index", cache_key_fn=artifact_key, persist_result=True, retries=1,
+      retry_delay_seconds=5, retry_condition_fn=is_transient)
 def build_index(plan: StagePlan, cfg: IndexConfig) -> ArtifactRef:
     """Embed the corpus and write ``faiss.index`` + ``passages.parquet``; reuse a complete artifact."""
     store = ArtifactStore(plan.ref.root)

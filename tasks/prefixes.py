@@ -15,9 +15,11 @@ from tasks.caching import artifact_key
 from tasks.progress import Progress
 from tasks.publish import publish_artifact
 from tasks.resources import generator_for
+from tasks.retries import is_transient
 
 
-@task(name="cot-prefixes", cache_key_fn=artifact_key, persist_result=True, retries=1, retry_delay_seconds=5)
+@task(name="cot-prefixes", cache_key_fn=artifact_key, persist_result=True, retries=1,
+      retry_delay_seconds=5, retry_condition_fn=is_transient)
 def build_prefixes(plan: StagePlan, cfg: PrefixConfig, teacher: BackendConfig,
                    datasets: tuple[DatasetConfig, ...]) -> ArtifactRef:
     """Write one ``cot_solutions`` part per dataset; a dataset whose part exists is not redone."""

@@ -20,9 +20,11 @@ from tasks.caching import artifact_key
 from tasks.progress import Progress
 from tasks.publish import in_prefect_run, publish_artifact
 from tasks.resources import SearchConfig, generator_for, search_for
+from tasks.retries import is_transient
 
 
-@task(name="teacher-rollouts", cache_key_fn=artifact_key, persist_result=True, retries=1, retry_delay_seconds=5)
+@task(name="teacher-rollouts", cache_key_fn=artifact_key, persist_result=True, retries=1,
+      retry_delay_seconds=5, retry_condition_fn=is_transient)
 def run_rollouts(plan: StagePlan, cfg: RolloutConfig, teacher: BackendConfig, sandbox_cfg: SandboxConfig,
                  index: ArtifactRef, index_cfg: IndexConfig, search_cfg: SearchConfig,
                  prefixes: ArtifactRef | None = None) -> ArtifactRef:

@@ -9,6 +9,7 @@ import pyarrow as pa
 from prefect import task
 
 from storage.catalog import read_table
+from storage.errors import UserError
 from storage.schemas import SFT_EXAMPLES
 from storage.store import ArtifactRef, ArtifactStore, StagePlan
 from tasks.caching import artifact_key
@@ -27,8 +28,8 @@ def build_sft_data(plan: StagePlan, cfg: SftDataConfig, source: ArtifactRef, kin
         else:
             rows, counts = cot_examples(read_table(source.path, "cot_solutions"))
         if not rows:
-            raise ValueError(f"no training examples: {source.stage} artifact {source.id} has no episode that passes "
-                             f"the filter ({counts}); run more questions or samples, or use a stronger teacher")
+            raise UserError(f"no training examples: {source.stage} artifact {source.id} has no episode that passes "
+                            f"the filter ({counts}); run more questions or samples, or use a stronger teacher")
         artifact = store.open(plan)
         artifact.write_table("sft_examples", pa.Table.from_pylist(rows, schema=SFT_EXAMPLES), SFT_EXAMPLES)
         artifact.finish({"sft_examples": len(rows)}, {"filter": counts, "kind": kind})

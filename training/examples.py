@@ -30,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from storage.errors import UserError
+
 IGNORE_INDEX = -100
 
 # A probe conversation for check_template: distinct contents so each can be found in the rendering.
@@ -42,7 +44,7 @@ _PROBE = [
 ]
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """The student's chat template cannot render the training conversations faithfully."""
 
 

@@ -32,6 +32,7 @@ import httpx
 from agent_runtime.backends import BackendConfig
 from agent_runtime.generation import (
     Completion,
+    EndpointUnavailable,
     Generation,
     GenerationError,
     Request,
@@ -132,7 +133,7 @@ class OpenAIGenerator:
                     raise GenerationError(f"{url} refused the request ({problem})")
             if attempt + 1 < attempts:
                 time.sleep(BACKOFF_S * 2**attempt)
-        raise GenerationError(
+        raise EndpointUnavailable(
             f"no answer from {url} after {attempts} attempt(s): {problem}; is the server running at "
             f"base_url={self.cfg.base_url!r}?"
         )
