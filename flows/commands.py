@@ -99,31 +99,19 @@ def regrade(args) -> int:
 # ----------------------------------------------------------------------------- stages
 
 def load(args, limits: dict | None = None):
-    """The pipeline config of ``--config``/``--set``; ``limits`` adds overrides for options like --limit."""
+    """The pipeline config of ``--config``/``--set``; ``limits`` adds overrides for options like --limit.
+
+    The inputs the command will read (datasets, corpus, models, adapters) are checked here, before any
+    flow starts (see ``flows.checks``).
+    """
+    from flows.checks import check_command
     from flows.config import PipelineConfig
     from flows.settings import load_config
 
     extra = [f"{key}={value}" for key, value in (limits or {}).items() if value is not None]
     cfg = load_config(PipelineConfig, args.config, [*args.overrides, *extra])
-    check_models(cfg, args.command)
+    check_command(cfg, args.command)
     return cfg
-
-
-def check_models(cfg, command: str) -> None:
-    """Resolve the model specs a command will load before any flow starts, so a bad one fails fast."""
-    from storage.models import resolve_embedder, resolve_model
-
-    if command in ("sandbox", "serve"):
-        return
-    resolve_embedder(cfg.index.embedder)
-    if command == "index":
-        return
-    backends = [cfg.teacher] + ([cfg.student] if command in ("train", "evaluate", "run") else [])
-    for backend in backends:
-        if backend.kind in ("transformers", "vllm"):
-            resolve_model(backend.model)
-    if command in ("train", "run") or (command == "evaluate" and cfg.evaluate.distilled_models()):
-        resolve_model(cfg.train.base_model)
 
 
 def run(args) -> int:
@@ -225,8 +213,12 @@ def sandbox(args) -> int:
 
     cfg = load(args)
     text = args.code if args.code is not None else read_text(args.file)
+    actions = split_actions(text)
+    if not actions:
+        where = args.file or "the -c code"
+        raise UserError(f"no actions to run in {where} (actions are separated by lines '#---')")
     search = open_search(cfg, args.index) if args.index else None
-    results = run_actions(split_actions(text), cfg.sandbox, search=search)
+    results = run_actions(actions, cfg.sandbox, search=search)
     for number, result in enumerate(results, 1):
         status = "final" if result.is_final else result.error_kind
         print(f"--- action {number} [{status}, {result.duration_s * 1000:.0f} ms, tool calls: {result.tool_calls}]")

@@ -14,6 +14,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from agent_runtime.backends import BackendConfig
+from flows.checks import check_adapter, check_evaluate_inputs
 from flows.config import PipelineConfig
 from flows.index import index_flow
 from flows.plans import plan_evaluate
@@ -27,6 +28,7 @@ from tasks.evaluate import ShardJob, ShardPin, evaluate_shard, finish_evaluation
 def evaluate_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = None,
                   adapters: dict[str, ArtifactRef] | None = None) -> ArtifactRef:
     """Evaluate ``cfg.evaluate.methods`` on ``cfg.evaluate.datasets``; returns the ``evals`` artifact."""
+    check_evaluate_inputs(cfg)
     store = ArtifactStore(home or default_root())
     index = index_flow(cfg, home=str(store.root))
     needed = cfg.evaluate.distilled_models()
@@ -35,6 +37,8 @@ def evaluate_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = Non
 
         adapters = train_flow(cfg, home=str(store.root))
     adapters = {kind: ref for kind, ref in (adapters or {}).items() if f"{kind}_student" in needed}
+    for ref in adapters.values():
+        check_adapter(ref.path / "adapter")
     plan = plan_evaluate(store, cfg, index, adapters)
     if not store.exists(plan.ref):
         jobs = shard_jobs(cfg, plan.ref, index, adapters)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.checks import check_index_inputs
 from flows.config import PipelineConfig
 from flows.plans import plan_index
 from storage.store import ArtifactRef, ArtifactStore, default_root
@@ -18,6 +19,7 @@ from tasks.index import build_index
 @flow(name="index", log_prints=True)
 def index_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = None) -> ArtifactRef:
     """Build the FAISS index artifact of ``cfg.index`` under ``home`` and return its reference."""
+    check_index_inputs(cfg)
     store = ArtifactStore(home or default_root())
     plan = plan_index(store, cfg)
     return bind(build_index, plan)(plan, cfg.index)

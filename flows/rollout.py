@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.checks import check_rollout_inputs
 from flows.config import PipelineConfig
 from flows.index import index_flow
 from flows.plans import plan_prefixes, plan_rollout, rollout_datasets
@@ -20,6 +21,7 @@ from tasks.rollout import run_rollouts
 @flow(name="prefixes", log_prints=True)
 def prefixes_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = None) -> ArtifactRef:
     """The teacher's CoT solutions over the rollout questions, with their first steps (FTP)."""
+    check_rollout_inputs(cfg)
     store = ArtifactStore(home or default_root())
     plan = plan_prefixes(store, cfg)
     return bind(build_prefixes, plan)(plan, cfg.prefixes, cfg.teacher, rollout_datasets(cfg))
@@ -28,6 +30,7 @@ def prefixes_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = Non
 @flow(name="rollout", log_prints=True)
 def rollout_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = None) -> ArtifactRef:
     """Teacher trajectories (graded) for the rollout questions."""
+    check_rollout_inputs(cfg)
     store = ArtifactStore(home or default_root())
     index = index_flow(cfg, home=str(store.root))
     prefixes = prefixes_flow(cfg, home=str(store.root)) if cfg.rollout.use_prefixes else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.checks import check_train_inputs
 from flows.config import PipelineConfig
 from flows.plans import plan_sft_data, plan_train
 from flows.rollout import prefixes_flow, rollout_flow
@@ -21,6 +22,7 @@ from tasks.train import build_sft_data, train_student
 def train_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = None, resume: bool = False,
                accelerate_config: str | None = None) -> dict[str, ArtifactRef]:
     """The agent-distilled student's adapter (and the CoT-distilled one when enabled)."""
+    check_train_inputs(cfg)
     store = ArtifactStore(home or default_root())
     trajectories = rollout_flow(cfg, home=str(store.root))
     adapters = {"agent": train_on(store, cfg, trajectories, "agent", cfg.train, resume, accelerate_config)}
