@@ -3,7 +3,8 @@
 Heavy imports (torch, transformers, prefect) happen inside the commands, so ``--help`` is instant.
 User errors (``storage.errors.UserError``: bad config, unknown model, missing artifact, bad input file)
 print one line and exit 2; ``--debug`` shows the traceback instead. Any other exception is a bug and
-shows its traceback (exit 1). ``--home`` and ``--debug`` go before or after the command.
+shows its traceback (exit 1). ``--home`` and ``--debug`` go before or after the command. A stage command
+runs under ``flows.supervisor``: SIGTERM or Ctrl+C stops it within seconds and no process outlives it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-STAGES = ("index", "prefixes", "rollout", "train", "evaluate")
+STAGES = ("run", "index", "prefixes", "rollout", "train", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from flows import commands
 
+        if args.command in STAGES:
+            from flows.supervisor import run_stage
+
+            return run_stage(lambda: commands.dispatch(args), quiet_tracebacks=not args.debug)
         return commands.dispatch(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
