@@ -194,6 +194,11 @@ class Sandbox:
 
     # -- public API ----------------------------------------------------------------------------
 
+    @property
+    def search(self) -> Callable[[str], str] | None:
+        """The host-side callable ``web_search`` is relayed to (None: no retrieval)."""
+        return self._search
+
     def new_state(self) -> EpisodeState:
         """The state of a new episode: no variables."""
         return EpisodeState()

@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent_runtime.cot import run_cot
 from agent_runtime.engine import AgentConfig, AgentTask, SagConfig
@@ -44,6 +44,14 @@ class MethodConfig(BaseModel):
     prompt: Literal["teacher", "student"] = Field(
         "student", description="agent system prompt: full (tools + few-shot examples) or short")
     sag: bool = Field(False, description="self-consistent action generation (settings in evaluate.sag)")
+    rag: bool = Field(False, description="cot mode: put the question's top search.top_k passages in the prompt "
+                                         "(the paper's Distill + RAG row)")
+
+    @model_validator(mode="after")
+    def _rag_is_for_cot(self) -> MethodConfig:
+        if self.rag and self.mode != "cot":
+            raise ValueError(f"method {self.name!r}: rag is for mode 'cot' (an agent retrieves with web_search)")
+        return self
 
 
 DEFAULT_METHODS = (
@@ -87,7 +95,8 @@ def evaluate_questions(questions: list[Question], kind: str, method: MethodConfi
                        on_progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """``predictions`` rows for one shard (questions of one dataset) under one method."""
     if method.mode == "cot":
-        return cot_rows(questions, kind, generator, cfg, labels)
+        search = sandbox.search if method.rag else None
+        return cot_rows(questions, kind, generator, cfg, labels, search)
     rows = run_questions(questions, kind, generator, sandbox, agent_config_for(method, cfg), labels=labels,
                          on_progress=on_progress)
     steps_by_episode: dict[str, list[dict]] = {}
@@ -112,8 +121,16 @@ def prediction_row(episode: dict, steps: list[dict]) -> dict:
     }
 
 
-def cot_rows(questions: list[Question], kind: str, generator, cfg: EvalConfig, labels: dict) -> list[dict]:
-    results = run_cot([AgentTask(q.id, q.question) for q in questions], generator, cfg.cot_max_new_tokens)
+def with_passages(question: str, search: Callable[[str], str]) -> str:
+    """The question preceded by the passages ``search`` finds for it (retrieval-augmented CoT)."""
+    return f"Passages that may help:\n{search(question)}\n\nQuestion: {question}"
+
+
+def cot_rows(questions: list[Question], kind: str, generator, cfg: EvalConfig, labels: dict,
+             search: Callable[[str], str] | None = None) -> list[dict]:
+    """CoT predictions; with ``search``, each prompt carries the question's retrieved passages (RAG)."""
+    tasks = [AgentTask(q.id, with_passages(q.question, search) if search else q.question) for q in questions]
+    results = run_cot(tasks, generator, cfg.cot_max_new_tokens)
     rows = []
     for question, result in zip(questions, results):
         answer = extract_answer(result.text)
