@@ -58,23 +58,29 @@ def install_adapter_state_hooks(accelerator, model: torch.nn.Module) -> None:
     checkpoint would only cost time and disk. Loading checks that exactly the trainable parameters
     are restored.
     """
-    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    # Names are those of the unwrapped model: DDP prefixes its parameters with "module.", and a
+    # checkpoint must not depend on how many processes wrote it.
+    inner = accelerator.unwrap_model(model)
+    trainable = {name for name, param in inner.named_parameters() if param.requires_grad}
 
     def trim(models, weights, output_dir):
         for index, state in enumerate(weights):
-            weights[index] = {k: v for k, v in state.items() if k in trainable}
+            weights[index] = {k.removeprefix("module."): v for k, v in state.items()
+                              if k.removeprefix("module.") in trainable}
 
     def restore(models, input_dir):
         if not models:  # FSDP / DeepSpeed: accelerate loads their sharded states itself
             return
-        state = load_file(Path(input_dir) / WEIGHTS, device=str(accelerator.device))
+        # Read on the CPU: safetensors rejects accelerate's multi-process CPU device "cpu:0", and
+        # load_state_dict copies the (few MB of) LoRA weights to the parameters' device anyway.
+        state = load_file(Path(input_dir) / WEIGHTS, device="cpu")
         if set(state) != trainable:
             missing, extra = sorted(trainable - set(state))[:3], sorted(set(state) - trainable)[:3]
             raise CheckpointError(
                 f"checkpoint {input_dir} does not hold this run's LoRA weights "
                 f"(missing e.g. {missing}, unexpected e.g. {extra})"
             )
-        model.load_state_dict(state, strict=False)
+        inner.load_state_dict(state, strict=False)
         models.clear()  # tells accelerate the models are loaded
 
     accelerator.register_save_state_pre_hook(trim)

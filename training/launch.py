@@ -10,15 +10,24 @@ Every launched process runs :func:`main`, which reads the job (training config, 
 folder, resume flag) and calls ``train_lora``; the main process writes ``out_dir/metrics.json``.
 The examples file is a Parquet table with a ``messages_json`` column (schema
 ``storage.schemas.SFT_EXAMPLES``), one chat example per row.
+
+With several processes (``configs/accelerate/cpu_ddp.yaml``, ``multi_gpu_ddp.yaml``, ``fsdp.yaml``)
+``accelerate launch`` runs them under ``torch.distributed.run``, which stops every rank when one dies
+and prints a failure report. That report is held back: :func:`launch_accelerate` raises one
+:class:`LaunchError` naming the rank, how it died and the checkpoint that ``--resume`` continues from.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -90,7 +99,8 @@ def launch_command(job_path: Path, accelerate_config: Path) -> list[str]:
 def launch_accelerate(job_path: Path, accelerate_config: Path) -> subprocess.CompletedProcess:
     """Run the job through ``accelerate launch`` and wait; raise LaunchError if it fails.
 
-    Output (progress bar, logs) goes to this process's stdout/stderr. The metrics are in
+    Output (progress bar, logs) goes to this process's stdout/stderr, up to torch.distributed's failure
+    report, which is written to ``out_dir/launch-error.log`` instead. The metrics are in
     ``out_dir/metrics.json`` afterwards.
     """
     if not Path(accelerate_config).is_file():
@@ -100,10 +110,84 @@ def launch_accelerate(job_path: Path, accelerate_config: Path) -> subprocess.Com
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("HF_HUB_OFFLINE", "1")
     command = launch_command(job_path, accelerate_config)
-    completed = subprocess.run(command, env=env, check=False)
-    if completed.returncode != 0:
-        raise LaunchError(f"training failed (exit code {completed.returncode}): {' '.join(command)}")
-    return completed
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    report = relay_until_failure_report(process.stderr, sys.stderr)
+    returncode = process.wait()
+    if returncode == 0:
+        sys.stderr.write(report)  # a report line in a run that succeeded was only a warning
+        return subprocess.CompletedProcess(command, returncode)
+    out_dir = TrainJob.model_validate_json(Path(job_path).read_text()).out_dir
+    if report:
+        (out_dir / "launch-error.log").write_text(report)
+    raise LaunchError(failure_message(report, returncode, out_dir))
+
+
+# torch.distributed.run's agent logs this when a rank has died and it stops the others; from here on
+# its stderr is the failure report (a traceback of the launcher and a table of every rank).
+_AGENT_FAILURE = re.compile(r"torch/distributed/elastic/\S+\] (Sending process \d+ closing signal|failed \(exitcode)")
+# torch.distributed prints a rank's uncaught exception with this prefix on every line.
+_RANK_LINE = re.compile(r"^\[rank(\d+)\]:")
+
+
+def relay_until_failure_report(stream, out: TextIO) -> str:
+    """Copy ``stream`` (the launcher's stderr, bytes) to ``out`` as it arrives and return what was held
+    back: the ranks' uncaught exceptions (``[rankN]: ...`` lines; when one rank dies the others fail in
+    their next collective, and those tracebacks are consequences) and torch.distributed's failure report.
+    Progress bars (``\\r`` updates) pass through as they come."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending, held, in_report = "", [], False
+    for chunk in iter(lambda: stream.read1(65536), b""):
+        pending += decoder.decode(chunk)
+        cut = max(pending.rfind("\n"), pending.rfind("\r")) + 1  # relay whole lines only
+        complete, pending = pending[:cut], pending[cut:]
+        for line in complete.splitlines(keepends=True):
+            in_report = in_report or bool(_AGENT_FAILURE.search(line))
+            if in_report or _RANK_LINE.match(line):
+                held.append(line)
+            else:
+                out.write(line)
+        out.flush()
+    rest = pending + decoder.decode(b"", final=True)
+    if in_report:
+        held.append(rest)
+    else:
+        out.write(rest)
+    return "".join(held)
+
+
+def failure_message(report: str, returncode: int, out_dir: Path) -> str:
+    """One line: which rank failed and how, and where a re-run resumes.
+
+    The cause is a rank killed by a signal other than the agent's SIGTERM to the survivors, else the
+    report's root cause; a rank that raised is named with the last line of its traceback.
+    """
+    from training.checkpoints import latest_checkpoint
+
+    def ranks(text: str) -> list[tuple[int, int]]:
+        found = re.findall(r"\brank\s*:\s*(\d+).*?\bexitcode\s*:\s*(-?\d+)", text, re.DOTALL)
+        return [(int(rank), int(code)) for rank, code in found]
+
+    killed = [(rank, code) for rank, code in ranks(report) if code < 0 and -code != signal.SIGTERM]
+    root_cause = ranks(report.split("Root Cause", 1)[1]) if "Root Cause" in report else []
+    causes = killed or root_cause
+    if causes and causes[0][1] < 0:
+        rank, number = causes[0][0], -causes[0][1]
+        name = signal.Signals(number).name if number in set(signal.Signals) else f"signal {number}"
+        what = f"rank {rank} was killed by {name}"
+    elif causes:
+        rank, code = causes[0]
+        lines = [line.split(":", 1)[1].strip() for line in report.splitlines() if line.startswith(f"[rank{rank}]:")]
+        raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception)\b", line)]
+        what = f"rank {rank} raised {raised[-1]}" if raised else f"rank {rank} exited with code {code}"
+    else:
+        what = f"accelerate launch exited with code {returncode} (the error is in the log above)"
+    checkpoint = latest_checkpoint(out_dir / "checkpoints")
+    if checkpoint is None:
+        resume = "no checkpoint was complete, so a re-run starts from the beginning"
+    else:
+        resume = f"re-run with --resume to continue from the last complete checkpoint {checkpoint}"
+    report_note = f"; launcher report: {out_dir / 'launch-error.log'}" if report else ""
+    return f"training failed: {what}; {resume}{report_note}"
 
 
 if __name__ == "__main__":

@@ -234,13 +234,16 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def make_accelerator(cfg: TrainConfig):
     """The one place that picks the device and precision: bf16 autocast on CUDA and on CPUs with native
-    bf16 matmuls (float32 weights there), else float32."""
+    bf16 matmuls (float32 weights there), else float32. Without CUDA the Accelerator is put on the CPU,
+    so that processes started by ``accelerate launch`` (configs/accelerate/cpu_ddp.yaml) join one
+    torch.distributed group over gloo instead of each training alone."""
     from accelerate import Accelerator
 
     from storage.models import cpu_has_native_bf16
 
-    precision = "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "no"
-    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision)
+    on_gpu = torch.cuda.is_available()
+    precision = "bf16" if on_gpu or cpu_has_native_bf16() else "no"
+    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision, cpu=not on_gpu)
 
 
 def load_tokenizer(spec: str):

@@ -37,12 +37,15 @@ def job_for(tmp_path: Path, base: Path, **overrides) -> TrainJob:
     return TrainJob(config=cfg, examples_path=examples, out_dir=tmp_path / "out")
 
 
-@pytest.mark.parametrize(("name", "kind"), [("single_device", "NO"), ("multi_gpu_ddp", "MULTI_GPU"), ("fsdp", "FSDP")])
+@pytest.mark.parametrize(("name", "kind"), [("single_device", "NO"), ("multi_gpu_ddp", "MULTI_GPU"), ("fsdp", "FSDP"),
+                                          ("cpu_ddp", "MULTI_GPU")])
 def test_shipped_accelerate_configs_validate(name, kind):
     from accelerate.commands.config.config_args import load_config_from_file
 
     config = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
     assert config.distributed_type.value == kind
+    if name == "cpu_ddp":  # several local processes through torch.distributed.run, on the CPU, any free port
+        assert (config.num_processes, config.use_cpu, config.main_process_port) == (2, True, 0)
     if kind == "FSDP":
         assert config.fsdp_config["fsdp_use_orig_params"] is True
         assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
