@@ -6,6 +6,10 @@ Endpoints:
   inner list holds the documents themselves (Search-R1's shape). ``topk`` defaults to 3.
 - ``GET /health`` → ``{"status": "ok", "passages": N, "embedder": ..., "dim": ...}``.
 
+A malformed request body (not JSON, ``queries`` missing or not a list of strings, ``topk`` out of range)
+is answered 422 with ``{"error": "<field>: <problem>", "detail": [...]}``: one line naming the culprit,
+plus FastAPI's usual list; the server keeps serving.
+
 Run with ``distillery retriever serve --index ID --port P`` or ``serve(load_index(...), port=8000)``;
 ``retrieval.retriever.HttpRetriever`` is its client.
 """
@@ -38,6 +42,9 @@ def make_app(retriever: SearchBackend, info: dict | None = None):
     """An ASGI (FastAPI) app serving ``retriever``; ``info`` (default: an in-process index's size and
     embedder) is added to the health response."""
     from fastapi import FastAPI
+    from fastapi.encoders import jsonable_encoder
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
 
     if info is None and isinstance(retriever, Retriever):
         meta = retriever.meta
@@ -52,6 +59,11 @@ def make_app(retriever: SearchBackend, info: dict | None = None):
     # FastAPI runs sync endpoints in a thread pool; one search at a time keeps the embedder and the
     # passage cache single-threaded, and each search is already batched.
     lock = threading.Lock()
+
+    @app.exception_handler(RequestValidationError)
+    def bad_request(request, exc: RequestValidationError) -> JSONResponse:
+        errors = jsonable_encoder(exc.errors())
+        return JSONResponse({"error": request_error(errors), "detail": errors}, status_code=422)
 
     @app.post("/retrieve")
     def retrieve(request: RetrieveRequest) -> dict:
@@ -73,6 +85,16 @@ def serve(
     import uvicorn
 
     uvicorn.run(make_app(retriever, info), host=host, port=port, log_level="info")
+
+
+def request_error(errors: list[dict]) -> str:
+    """One line for a rejected request: the first problem's location and message, e.g.
+    ``body.queries.0: Input should be a valid string``."""
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return f"body: not valid JSON ({first['ctx']['error']})"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{'.'.join(str(part) for part in first['loc'])}: {first['msg']}{more}"
 
 
 def _hit(passage: Passage, with_score: bool) -> dict:

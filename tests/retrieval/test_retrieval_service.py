@@ -74,9 +74,21 @@ def test_health_reports_the_index(server_url):
     }
 
 
-def test_bad_requests_are_rejected(server_url):
-    assert httpx.post(f"{server_url}/retrieve", json={"queries": "not a list"}).status_code == 422
-    assert httpx.post(f"{server_url}/retrieve", json={"queries": ["x"], "topk": 0}).status_code == 422
+@pytest.mark.parametrize("body, error", [
+    (b"queries=x", "body: not valid JSON (Expecting value)"),
+    (b'{"queries": "not a list"}', "body.queries: Input should be a valid list"),
+    (b'{"queries": ["x", 7]}', "body.queries.1: Input should be a valid string"),
+    (b'{"topk": 2}', "body.queries: Field required"),
+    (b'{"queries": ["x"], "topk": 0}', "body.topk: Input should be greater than or equal to 1"),
+    (b'[["x"]]', "body: Input should be a valid dictionary or object to extract fields from"),
+])
+def test_a_bad_request_body_is_a_422_naming_the_field_and_the_server_keeps_serving(server_url, body, error):
+    response = httpx.post(f"{server_url}/retrieve", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["error"] == error
+    assert response.json()["detail"]  # FastAPI's usual list is still there for generic clients
+    assert HttpRetriever(server_url).health()["passages"] == 12
+    assert [p.id for p in HttpRetriever(server_url).search(["Chess"], k=1)[0]] == ["doc4"]
 
 
 def test_unreachable_server_is_a_clear_error():
