@@ -1,5 +1,7 @@
 """Rollouts and evaluation survive SIGKILL: a re-run finishes without redoing the finished parts/shards
-(their files keep their modification times) and without doing any question twice."""
+(their files keep their modification times) and without doing any question twice. A stage stops within
+seconds on SIGTERM, and neither SIGTERM nor SIGKILL leaves a process of it behind (Prefect's temporary
+API server, sandbox workers)."""
 
 import json
 import os
@@ -7,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +115,96 @@ def test_sigkill_mid_evaluation_then_rerun_predicts_every_question_once(evaluate
     rows = query(home, "select count(*), count(distinct question_id), sum(correct::int) from predictions")[1]
     assert rows == [(12, 12, 12)]
     assert query(home, "select method, dataset, n, accuracy from metrics")[1] == [("agent", "sums", 12, 1.0)]
+
+
+# ----------------------------------------------------------------------------- stopping
+
+@pytest.fixture
+def slow_evaluate_config(tmp_path):
+    """The evaluation above, but only the first shard is quick: every later action sleeps 60 s."""
+    paths = write_inputs(tmp_path, seconds=60)
+    quick = ACTION.format(seconds=0.1)
+    Path(paths["script"]).write_text(json.dumps([quick, quick] + [ACTION.format(seconds=60)] * 20))
+    config = tmp_path / "slow.yaml"
+    config.write_text(f"""
+index: {{corpus: {{source: "{paths['corpus']}"}}}}
+sandbox: {{workers: 1, wall_time_s: 300}}
+student: {{kind: scripted, model: scripted, script: "{paths['script']}"}}
+train: {{base_model: scripted}}
+evaluate:
+  datasets: [{{name: sums, source: "{paths['questions']}", kind: math}}]
+  methods: [{{name: agent, model: student, mode: agent}}]
+  num_shards: 6
+  max_workers: 1
+  agent: {{max_steps: 2}}
+""")
+    return config
+
+
+def start_alone(home, tmp_path, config):
+    """``distillery evaluate`` as its own process (not a group leader we could kill wholesale), with its
+    temporary files (the sandbox's directory) under ``tmp_path/tmp`` so its processes can be found."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+    command = [sys.executable, "-m", "flows.cli", "--home", str(home), "evaluate", "--config", str(config)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def wait_for(pattern_root, pattern: str, process, timeout_s: float = 600) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and process.poll() is None and not list(pattern_root.glob(pattern)):
+        time.sleep(0.2)
+    assert list(pattern_root.glob(pattern)), f"nothing written before the deadline:\n{process.stdout.read()}"
+
+
+def leftover_processes(tmp_path) -> list[str]:
+    """Live processes started for the test: the home (or the sandbox directory) is in their environment
+    or command line. Zombies are not counted: they have ended and only wait for init to reap them."""
+    marker = str(tmp_path).encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:  # gone meanwhile, or not ours
+            continue
+        if state != b"Z" and int(pid) != os.getpid() and (marker in environ or marker in cmdline):
+            command = cmdline.replace(b"\0", b" ")[:160].decode(errors="replace")
+            found.append(f"{pid}: {command}")
+    return found
+
+
+def assert_no_leftovers(tmp_path, within_s: float = 15) -> None:
+    deadline = time.time() + within_s
+    while leftover_processes(tmp_path) and time.time() < deadline:
+        time.sleep(0.5)
+    assert leftover_processes(tmp_path) == []
+
+
+def test_sigterm_mid_evaluation_stops_within_seconds_and_keeps_the_finished_shard(slow_evaluate_config, home,
+                                                                                   tmp_path):
+    pattern = "evals/*/predictions/part-*.parquet"
+    process = start_alone(home, tmp_path, slow_evaluate_config)
+    wait_for(home, pattern, process)
+    time.sleep(2)  # the second shard's first action is sleeping in the sandbox now
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    output, _ = process.communicate(timeout=60)
+    # Before: Prefect waited for the running shard (here 60 s or more) before exiting.
+    assert time.monotonic() - sent < 10, output
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM: finished parts are kept" in output
+    assert [p.name for p in home.glob(pattern)] == ["part-00000.parquet"]
+    assert not list(home.glob("evals/*/manifest.json"))
+    assert_no_leftovers(tmp_path)
+
+
+def test_sigkill_leaves_no_process_behind(slow_evaluate_config, home, tmp_path):
+    process = start_alone(home, tmp_path, slow_evaluate_config)
+    wait_for(home, "evals/*/predictions/part-*.parquet", process)
+    assert leftover_processes(tmp_path)  # the stage, its reaper, Prefect's server, a sandbox worker
+    process.kill()  # only the stage's process: its children are not signalled
+    process.wait()
+    # Before: Prefect's temporary server (uvicorn) stayed alive, orphaned, for as long as anyone looked.
+    assert_no_leftovers(tmp_path)
