@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     server = stage("server", "start a Prefect server on 127.0.0.1 (database under the artifact root) and serve")
     server.add_argument("--port", type=int, default=4200, help="port of the server and its UI")
     server.add_argument("--no-schedule", action="store_true", help="do not activate the re-evaluation schedule")
+    server.add_argument("--pool", help="register the deployments in this process work pool instead of serving them "
+                                       "(`prefect worker start --pool NAME --type process` runs them)")
 
     sandbox = commands.add_parser("sandbox", help="run actions in the code sandbox and print observations")
     sandbox_src = sandbox.add_mutually_exclusive_group(required=True)

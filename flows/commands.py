@@ -205,7 +205,8 @@ def server(args) -> int:
     from flows.server import run_server, serve_argv
 
     load(args)  # a bad profile fails here, before the server takes a minute to start
-    return run_server(store().root, args.port, serve_argv(args.config, args.overrides, args.no_schedule))
+    return run_server(store().root, args.port, serve_argv(args.config, args.overrides, args.no_schedule),
+                      pool=args.pool)
 
 
 def sandbox(args) -> int:

@@ -7,6 +7,11 @@ against it in a child process. Ctrl+C or SIGTERM stops both; the server keeps it
 artifacts and schedules survive a restart.
 
     distillery server --port 4200          # UI at http://127.0.0.1:4200
+
+With ``--pool NAME`` the deployments are registered in the process work pool NAME instead of being
+served, and the server runs on: ``prefect worker start --pool NAME --type process`` processes (on this
+machine or others) run the flows. Several workers need a database that takes concurrent writers:
+PostgreSQL (``PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://…``), see docs/scale-out.md.
 """
 
 from __future__ import annotations
@@ -97,10 +102,13 @@ def stop(process: subprocess.Popen, timeout_s: float = 30) -> None:
         process.wait()
 
 
-def run_server(home: Path, port: int, serve_args: list[str], startup_timeout_s: float = 300) -> int:
+def run_server(home: Path, port: int, serve_args: list[str], startup_timeout_s: float = 300,
+               pool: str | None = None) -> int:
     """Start the server, serve the deployments against it, and stop both when either ends or on a signal.
 
     ``serve_args`` are the ``distillery serve`` options (``--config``, ``--set``, ``--no-schedule``).
+    With ``pool`` the deployments are registered in that process work pool instead (``distillery serve
+    --pool``, which exits), and only the server keeps running.
     Returns the exit code of whichever process ended first (0 after Ctrl+C/SIGTERM).
     """
     home = home.resolve()
@@ -119,8 +127,14 @@ def run_server(home: Path, port: int, serve_args: list[str], startup_timeout_s: 
         print(f"starting the Prefect server (log: {log}) ...", flush=True)
         waited = wait_healthy(api_url, processes[0], log, startup_timeout_s)
         print(f"Prefect server up after {waited:.0f} s: UI http://{HOST}:{port}  API {api_url}", flush=True)
-        serve = [sys.executable, "-m", "flows.cli", "serve", *serve_args]
+        serve = [sys.executable, "-m", "flows.cli", "serve", *serve_args, *(["--pool", pool] if pool else [])]
         processes.append(subprocess.Popen(serve, env=client_env(home, api_url, os.environ)))
+        if pool:
+            if processes[-1].wait() != 0:
+                return processes[-1].returncode
+            print(f"workers run the flows: PREFECT_API_URL={api_url} prefect worker start --pool {pool} "
+                  "--type process", flush=True)
+            return wait_first(processes[:1])
         return wait_first(processes)
     except KeyboardInterrupt:
         return 0

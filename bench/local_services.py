@@ -1,0 +1,189 @@
+"""A cluster's services as separate processes on this machine's loopback interface, for the one-machine
+rehearsal of docs/scale-out.md (``bench/rehearse_scale_out.py``), the benchmarks and the tests:
+
+- :func:`postgres`: a throw-away PostgreSQL cluster (Debian's ``postgresql`` package: ``initdb`` +
+  ``pg_ctl``, run as the ``postgres`` user when we are root), in a temporary folder, on 127.0.0.1 only;
+- :func:`dask_cluster`: ``dask scheduler`` and N ``dask worker`` processes;
+- :func:`prefect_workers`: N ``prefect worker start --type process`` processes polling one work pool.
+
+Each is a context manager that stops what it started (and deletes the PostgreSQL folder) on exit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from flows.server import HOST, free_port
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- processes
+
+def start(command: list[str], log: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start ``command`` in a session of its own (so :func:`stop` reaches its children), output to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=dict(env or os.environ),
+                                cwd=PROJECT_ROOT, start_new_session=True)
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM the process group of ``process``, then SIGKILL whatever is left after ``timeout_s``."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # children that outlived their parent
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def project_env(**extra: str) -> dict[str, str]:
+    """This environment with the project importable and nothing fetched from a model hub."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Until something accepts TCP connections on ``HOST:port``; raises RuntimeError with the log's end."""
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[:4]} exited with code {process.returncode}:\n{tail(log)}")
+        with socket.socket() as sock:
+            sock.settimeout(1)
+            if sock.connect_ex((HOST, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on {HOST}:{port} after {timeout_s:.0f} s:\n{tail(log)}")
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else "(no log)"
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+@dataclass(frozen=True)
+class Postgres:
+    """A running throw-away cluster: ``url`` is what Prefect's database setting takes."""
+
+    port: int
+    database: str
+    user: str
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+asyncpg://{self.user}@{HOST}:{self.port}/{self.database}"
+
+
+def postgres_bin() -> Path | None:
+    """The folder with ``initdb`` and ``pg_ctl`` (Debian keeps them off PATH), or None without PostgreSQL."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@contextmanager
+def postgres(database: str = "prefect", user: str = "prefect", timeout_s: float = 120) -> Iterator[Postgres]:
+    """Start a PostgreSQL cluster in a new temporary folder on 127.0.0.1 (trust auth: loopback, test data
+    only); stop it and delete the folder on exit. PostgreSQL refuses to run as root, so as root the
+    server runs as the ``postgres`` user that Debian's package creates."""
+    binaries = postgres_bin()
+    if binaries is None:
+        raise FileNotFoundError("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="distillery-postgres-"))
+    data, log, port = folder / "data", folder / "server.log", free_port()
+    if as_postgres:
+        shutil.chown(folder, "postgres", "postgres")
+    try:
+        run = [*as_postgres, str(binaries / "initdb"), "-D", str(data), "-U", user, "--auth=trust",
+               "--encoding=UTF8", "--no-sync"]
+        subprocess.run(run, check=True, capture_output=True, timeout=timeout_s)
+        options = f"-c listen_addresses={HOST} -p {port} -c unix_socket_directories='{folder}' -c fsync=off"
+        subprocess.run([*as_postgres, str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options,
+                        "-w", "-t", str(int(timeout_s)), "start"], check=True, capture_output=True)
+        subprocess.run([*as_postgres, str(binaries / "createdb"), "-h", HOST, "-p", str(port), "-U", user,
+                        database], check=True, capture_output=True, timeout=timeout_s)
+        yield Postgres(port, database, user)
+    except subprocess.CalledProcessError as error:
+        raise RuntimeError(f"{' '.join(error.cmd)} failed: {error.stderr.decode(errors='replace')}\n"
+                           f"{tail(log)}") from error
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run([*as_postgres, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w",
+                            "stop"], check=False, capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- Dask
+
+@contextmanager
+def dask_cluster(workers: int, logs: Path, env: Mapping[str, str] | None = None,
+                 threads_per_worker: int = 1, timeout_s: float = 120) -> Iterator[str]:
+    """A ``dask scheduler`` and ``workers`` single-process ``dask worker`` processes (each under a nanny
+    that restarts it if it dies); yields the scheduler address ``tcp://127.0.0.1:PORT``."""
+    port = free_port()
+    address = f"tcp://{HOST}:{port}"
+    env = project_env(**(env or {}))
+    processes = [start([sys.executable, "-m", "dask", "scheduler", "--host", HOST, "--port", str(port),
+                        "--no-dashboard"], logs / "dask-scheduler.log", env)]
+    try:
+        wait_for_port(port, processes[0], logs / "dask-scheduler.log", timeout_s)
+        for index in range(workers):
+            processes.append(start([sys.executable, "-m", "dask", "worker", address, "--host", HOST,
+                                    "--nthreads", str(threads_per_worker), "--name", f"worker-{index}",
+                                    "--no-dashboard"], logs / f"dask-worker-{index}.log", env))
+        wait_for_workers(address, workers, timeout_s)
+        yield address
+    finally:
+        for process in reversed(processes):
+            stop(process)
+
+
+def wait_for_workers(address: str, count: int, timeout_s: float) -> None:
+    from distributed import Client
+
+    with Client(address, timeout=timeout_s) as client:
+        client.wait_for_workers(count, timeout=timeout_s)
+
+
+# ----------------------------------------------------------------------------- Prefect workers
+
+@contextmanager
+def prefect_workers(pool: str, count: int, api_url: str, logs: Path, limit: int = 1,
+                    env: Mapping[str, str] | None = None) -> Iterator[list[Path]]:
+    """``count`` process workers polling ``pool`` at ``api_url``, each running at most ``limit`` flow
+    runs at a time; yields their log files (a worker logs the id of every run it submits)."""
+    env = project_env(PREFECT_API_URL=api_url, **(env or {}))
+    names = [f"{pool}-worker-{index}" for index in range(count)]
+    processes = [start([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
+                        "--limit", str(limit), "--name", name], logs / f"{name}.log", env) for name in names]
+    try:
+        yield [logs / f"{name}.log" for name in names]
+    finally:
+        for process in processes:
+            stop(process)
