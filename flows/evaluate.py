@@ -54,11 +54,12 @@ def run_shards(jobs: list[ShardJob], pins: list[ShardPin | None]) -> list[int]:
 
 def shard_pins(cfg: PipelineConfig, count: int, gpus: int) -> list[ShardPin | None]:
     """With several GPUs shard i runs on GPU i mod count; with runner ``processes`` each shard runs in its
-    own process with ``cores // max_workers`` threads; otherwise in the runner's worker."""
+    own process with ``cores // max_workers`` threads; otherwise in the runner's worker. Dask workers are
+    never pinned: they run on other machines than the flow, each with the GPU it was started with."""
     threads = None
     if cfg.evaluate.runner == "processes":
         threads = max(1, (os.cpu_count() or 1) // cfg.evaluate.max_workers)
-    if gpus > 1:
+    if gpus > 1 and cfg.evaluate.runner != "dask":
         return [ShardPin(gpu=i % gpus, threads=threads) for i in range(count)]
     return [ShardPin(threads=threads) if threads else None] * count
 

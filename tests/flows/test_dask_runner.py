@@ -94,6 +94,15 @@ def worker_pids(client) -> dict[str, int]:
     return client.run(os.getpid)
 
 
+def test_dask_workers_keep_the_gpus_they_were_started_with():
+    from flows.config import PipelineConfig
+    from flows.evaluate import shard_pins
+
+    cfg = PipelineConfig.model_validate({"evaluate": {"runner": "dask", "address": "tcp://127.0.0.1:8786"}})
+    # The flow's machine may have 8 GPUs; a worker elsewhere must not be told to use "GPU 5".
+    assert shard_pins(cfg, 3, gpus=8) == [None, None, None]
+
+
 @pytest.mark.slow
 def test_dask_runner_predicts_what_the_threads_runner_predicts(tmp_path, cluster, api_url):
     local, client = cluster
