@@ -1,5 +1,6 @@
 """The command line: fast help, queries, and one-line errors with exit code 2 for bad input."""
 
+import os
 import subprocess
 import sys
 import time
@@ -82,3 +83,31 @@ def test_unknown_model_spec_is_one_line_and_exit_2(home):
 def test_artifacts_show_of_a_missing_id_is_a_clear_error(home):
     result = cli("artifacts", "show", "deadbeef", home=home)
     assert result.returncode == 2 and "no complete artifact with id 'deadbeef'" in result.stderr
+
+
+def test_home_and_debug_go_before_or_after_the_command(home, tmp_path, capsys):
+    parser = build_parser()
+    for argv in (["--home", "D", "evaluate"], ["evaluate", "--home", "D"],
+                 ["retriever", "serve", "--index", "x", "--home", "D"]):
+        assert parser.parse_args(argv).home == "D", argv
+    assert parser.parse_args(["--debug", "index"]).debug and parser.parse_args(["index", "--debug"]).debug
+    assert parser.parse_args(["index"]).home is None and not parser.parse_args(["index"]).debug
+    other = tmp_path / "other-home"
+    assert main(["query", "select 3 as n", "--home", str(other), "--format", "csv"]) == 0
+    assert capsys.readouterr().out == "n\n3\n" and os.environ["DISTILLERY_HOME"] == str(other)
+
+
+def test_only_user_errors_are_one_line_other_exceptions_keep_their_traceback(home, monkeypatch, capsys):
+    from storage.errors import UserError
+
+    def fail_with(error):
+        def dispatch(args):
+            raise error
+        monkeypatch.setattr("flows.commands.dispatch", dispatch)
+
+    fail_with(UserError("questions.jsonl:2: not valid JSON"))
+    assert main(["--home", str(home), "query", "select 1"]) == 2
+    assert capsys.readouterr().err == "error: questions.jsonl:2: not valid JSON\n"
+    fail_with(ValueError("a bug, not an input error"))  # before, any ValueError became a one-line "error:"
+    with pytest.raises(ValueError, match="a bug"):  # uncaught: Python prints the traceback, exit code 1
+        main(["--home", str(home), "query", "select 1"])
