@@ -117,7 +117,8 @@ def evaluate_shard(job: ShardJob, pin: ShardPin | None = None) -> int:
     if done.returncode != 0:
         method, dataset = job.cfg.methods[job.method_index].name, job.cfg.datasets[job.dataset_index].name
         if job_path.with_suffix(".error").is_file():  # a user error: one line, and not retried
-            raise UserError(job_path.with_suffix(".error").read_text())
+            raise UserError(f"evaluation shard {job.shard} of {method} on {dataset}: "
+                            f"{job_path.with_suffix('.error').read_text()}")
         raise RuntimeError(f"evaluation shard {job.shard} of {method} on {dataset} failed in its process "
                            f"(exit {done.returncode}; job {job_path}); its error is in the log above")
     return json.loads(job_path.with_suffix(".done").read_text())["rows"]
@@ -164,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     job_path.with_suffix(".error").unlink(missing_ok=True)
     try:
         rows = run_shard(ShardJob.model_validate_json(job_path.read_text()))
-    except UserError as exc:  # the parent re-raises it as the shard's error
+    except UserError as exc:  # the parent raises it again; no traceback for an input error
         job_path.with_suffix(".error").write_text(str(exc))
-        raise
+        return 2
     torch = sys.modules.get("torch")  # imported by the model or the retriever's embedder
     threads = torch.get_num_threads() if torch is not None else None
     job_path.with_suffix(".done").write_text(json.dumps({"rows": rows, "torch_threads": threads}))

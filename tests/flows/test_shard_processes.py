@@ -8,6 +8,7 @@ import pytest
 from flows.config import PipelineConfig
 from flows.evaluate import shard_pins
 from storage.catalog import query
+from storage.errors import UserError
 from tasks.evaluate import ShardPin
 from tests.flows.test_resume import write_inputs
 
@@ -58,4 +59,17 @@ def test_a_shard_that_fails_in_its_process_names_the_shard(tmp_path, home, prefe
     with pytest.raises(RuntimeError, match=r"evaluation shard \d of agent on sums failed in its process"):
         evaluate_flow(config(tmp_path, tmp_path / "missing-script.json"), home=str(home))
     assert not list(home.glob("evals/*/predictions/*.parquet"))
+    assert not list(home.glob("evals/*/manifest.json"))
+
+
+def test_a_user_error_in_a_shard_process_comes_back_as_a_user_error(tmp_path, home, prefect_harness):
+    from flows.evaluate import evaluate_flow
+
+    short = tmp_path / "short-script.json"
+    short.write_text(json.dumps(["Thought: answer.\nCode:\n```py\nfinal_answer('4')\n```<end_code>"]))
+    # A UserError: the CLI prints it in one line and tasks.retries.is_transient does not retry it.
+    with pytest.raises(UserError, match=r"evaluation shard \d of agent on sums: scripted generator ran out"):
+        evaluate_flow(config(tmp_path, short), home=str(home))
+    errors = sorted(home.glob("evals/*/jobs/shard-*.error"))
+    assert errors and "ran out of completions" in errors[0].read_text()
     assert not list(home.glob("evals/*/manifest.json"))
