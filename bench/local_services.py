@@ -3,6 +3,7 @@ rehearsal of docs/scale-out.md (``bench/rehearse_scale_out.py``), the benchmarks
 
 - :func:`postgres`: a throw-away PostgreSQL cluster (Debian's ``postgresql`` package: ``initdb`` +
   ``pg_ctl``, run as the ``postgres`` user when we are root), in a temporary folder, on 127.0.0.1 only;
+- :func:`prefect_server`: ``prefect server start`` (SQLite under the artifact root, or ``database_url``);
 - :func:`dask_cluster`: ``dask scheduler`` and N ``dask worker`` processes;
 - :func:`prefect_workers`: N ``prefect worker start --type process`` processes polling one work pool.
 
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.server import HOST, free_port
+from flows.server import HOST, free_port, server_env, wait_healthy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,6 +138,26 @@ def postgres(database: str = "prefect", user: str = "prefect", timeout_s: float 
             subprocess.run([*as_postgres, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w",
                             "stop"], check=False, capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- Prefect server
+
+@contextmanager
+def prefect_server(home: Path, logs: Path, database_url: str | None = None,
+                   timeout_s: float = 300) -> Iterator[str]:
+    """``prefect server start`` on a free loopback port, home and SQLite database under ``home`` (or
+    the PostgreSQL of ``database_url``); yields its API URL once ``/api/health`` answers."""
+    port = free_port()
+    environ = project_env(**({"PREFECT_API_DATABASE_CONNECTION_URL": database_url} if database_url else {}))
+    (home / "prefect-server").mkdir(parents=True, exist_ok=True)
+    process = start([sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port),
+                     "--analytics-off"], logs / "prefect-server.log", server_env(home, port, environ))
+    try:
+        api_url = f"http://{HOST}:{port}/api"
+        wait_healthy(api_url, process, logs / "prefect-server.log", timeout_s)
+        yield api_url
+    finally:
+        stop(process)
 
 
 # ----------------------------------------------------------------------------- Dask
