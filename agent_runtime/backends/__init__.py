@@ -1,7 +1,8 @@
 """Model backends behind one protocol (``agent_runtime.generation.Generator``).
 
 ``make_generator(BackendConfig(kind=...))`` builds one of: ``transformers`` (in-process, the embedded
-default), ``openai`` (any OpenAI-compatible server), ``vllm`` (in-process ``vllm.LLM``, GPU) or
+default), ``llamacpp`` (a GGUF on a llama.cpp server that the backend starts and stops), ``openai``
+(any OpenAI-compatible server), ``vllm`` (in-process ``vllm.LLM``, GPU) or
 ``scripted`` (replays completions from a JSON file, for tests). Each backend module is imported only
 when chosen, so importing this package loads neither torch nor vllm.
 """
@@ -20,9 +21,10 @@ class BackendConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["transformers", "openai", "vllm", "scripted"] = Field(
+    kind: Literal["transformers", "llamacpp", "openai", "vllm", "scripted"] = Field(
         "transformers",
-        description="backend: in-process transformers, OpenAI-compatible server, vllm.LLM, or scripted",
+        description="backend: in-process transformers, a llama.cpp server it starts, OpenAI-compatible server, "
+                    "vllm.LLM, or scripted",
     )
     model: str = Field(
         "smollm2-135m-instruct",
@@ -52,6 +54,12 @@ class BackendConfig(BaseModel):
     batch_size: int = Field(
         16, ge=1, description="transformers: max sequences per generate() call (requests x n)"
     )
+    slots: int = Field(4, ge=1, description="llamacpp: parallel slots (requests decoded together)")
+    ctx_per_slot: int = Field(4096, ge=256, description="llamacpp: context tokens of each slot")
+    threads: int = Field(0, ge=0, description="llamacpp: CPU threads (0 = every core this process may use)")
+    cache_ram_mib: int = Field(
+        2048, ge=0, description="llamacpp: host-memory prompt cache shared by the slots, MiB (0 = off)"
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per model (tensor parallelism)")
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="vllm: fraction of GPU memory it may take"
@@ -66,6 +74,10 @@ def make_generator(cfg: BackendConfig) -> Generator:
         from agent_runtime.backends.transformers_backend import TransformersGenerator
 
         return TransformersGenerator(cfg)
+    elif cfg.kind == "llamacpp":
+        from agent_runtime.backends.llamacpp_backend import LlamaCppGenerator
+
+        return LlamaCppGenerator(cfg)
     elif cfg.kind == "openai":
         from agent_runtime.backends.openai_backend import OpenAIGenerator
 

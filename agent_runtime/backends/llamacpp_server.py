@@ -50,6 +50,7 @@ def build_params(args: argparse.Namespace):
     params.n_ubatch = 512
     params.warmup = False
     params.endpoint_slots = True
+    params.endpoint_metrics = True  # /metrics: prompt tokens processed vs cached (bench/teacher_engine.py)
     params.verbosity = 0 if args.quiet else 3
     if args.lora:
         params.lora_adapters = [xlc.CommonAdapterLoraInfo(args.lora, 1.0)]

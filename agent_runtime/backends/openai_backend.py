@@ -9,6 +9,9 @@ flight; a connect error, timeout, 429 or 5xx is retried ``max_retries`` times wi
 Continuing an assistant prefix (``Request.continue_final``):
 - vLLM servers (``/models`` says ``owned_by: vllm``): chat completions with vLLM's
   ``continue_final_message=True, add_generation_prompt=False``; the answer holds only the continuation.
+- llama.cpp's server (``owned_by: llamacpp``; also the ``llamacpp`` backend's own server): chat
+  completions with the trailing assistant message, which the server prefills and continues; it
+  returns prefix + continuation, and the prefix is cut off here.
 - any other server (llama-cpp-python's server renders a trailing assistant message as a closed turn
   and opens a new one, so it cannot continue through the chat API): the prompt is rendered here with
   the model's own chat template and sent to ``/completions``. That needs a local tokenizer:
@@ -48,7 +51,7 @@ RETRY_STATUSES = {408, 409, 429, 500, 502, 503, 504}
 class OpenAIGenerator:
     """``Generator`` over an OpenAI-compatible HTTP endpoint."""
 
-    def __init__(self, cfg: BackendConfig):
+    def __init__(self, cfg: BackendConfig, continue_mode: str | None = None):
         if cfg.base_url is None:
             raise GenerationError("the openai backend needs base_url, e.g. http://127.0.0.1:8000/v1")
         self.cfg = cfg
@@ -62,7 +65,9 @@ class OpenAIGenerator:
         )
         self._pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="openai-backend")
         self._lock = threading.Lock()
-        self._continue_mode: str | None = None  # "chat" (vLLM extension) or "completions"; probed once
+        # How an assistant prefix is continued: "chat" (vLLM's extension), "prefill" (llama.cpp's server
+        # continues a trailing assistant message and echoes it) or "completions"; probed once when None.
+        self._continue_mode: str | None = continue_mode
         self._tokenizer = None
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Generation]:
@@ -105,15 +110,18 @@ class OpenAIGenerator:
         if sampling.stop:
             body["stop"] = list(sampling.stop)
         started = time.perf_counter()
-        if request.continue_final and self._continue_through() == "completions":
+        mode = self._continue_through() if request.continue_final else None
+        if mode == "completions":
             data = self._post("/completions", {**body, "prompt": self._render_prompt(request)})
             text = data["choices"][0]["text"]
         else:
             body["messages"] = request.messages
-            if request.continue_final:  # vLLM's extension: render the last message as an open prefix
+            if mode == "chat":  # vLLM's extension: render the last message as an open prefix
                 body.update(continue_final_message=True, add_generation_prompt=False)
             data = self._post("/chat/completions", body)
             text = data["choices"][0]["message"]["content"] or ""
+            if mode == "prefill":
+                text = text.removeprefix(request.messages[-1]["content"])
         return _completion(data, text, sampling, time.perf_counter() - started)
 
     def _post(self, path: str, body: dict) -> dict:
@@ -149,7 +157,8 @@ class OpenAIGenerator:
                     owners = {entry["owned_by"] for entry in response.json()["data"]}
                 except (httpx.HTTPError, KeyError, ValueError) as exc:
                     raise GenerationError(f"cannot list the models at {url}: {exc}") from exc
-                self._continue_mode = "chat" if "vllm" in owners else "completions"
+                self._continue_mode = ("chat" if "vllm" in owners else
+                                       "prefill" if "llamacpp" in owners else "completions")
             return self._continue_mode
 
     def _render_prompt(self, request: Request) -> str:
