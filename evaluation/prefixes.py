@@ -27,6 +27,9 @@ class PrefixConfig(BaseModel):
     temperature: float = Field(0.0, ge=0.0, description="sampling temperature (0 = greedy)")
     seed: int = Field(0, description="base seed of the per-question seeds")
     batch_size: int = Field(16, ge=1, description="questions per backend call (progress is reported per batch)")
+    artifact: str | None = Field(
+        None, description="use this existing prefixes artifact (e.g. imported) instead of running the teacher"
+    )
 
 
 def solve_with_cot(questions: list[Question], kind: str, generator, cfg: PrefixConfig,

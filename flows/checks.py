@@ -48,7 +48,11 @@ def check_index_inputs(cfg: PipelineConfig) -> None:
 
 
 def check_rollout_inputs(cfg: PipelineConfig) -> None:
-    """The teacher and the training questions (also what the FTP prefixes read)."""
+    """The teacher and the training questions (also what the FTP prefixes read); nothing when both teacher
+    stages are pinned to existing artifacts (``rollout.artifact``, ``prefixes.artifact``): no teacher runs."""
+    teacher_runs = cfg.rollout.artifact is None or (cfg.prefixes.artifact is None and cfg.cot_student.enabled)
+    if not teacher_runs:
+        return
     check_backend(cfg.teacher)
     check_datasets(cfg.rollout.datasets, cfg.rollout.limit)
 

@@ -9,7 +9,7 @@ from evaluation.datasets import dataset_fingerprint
 from evaluation.rollout import with_limit
 from flows.config import PipelineConfig
 from retrieval.corpus import corpus_fingerprint
-from storage.store import ArtifactRef, ArtifactStore, StagePlan
+from storage.store import ArtifactError, ArtifactRef, ArtifactStore, StagePlan
 
 
 def plan_index(store: ArtifactStore, cfg: PipelineConfig) -> StagePlan:
@@ -33,6 +33,14 @@ def plan_rollout(store: ArtifactStore, cfg: PipelineConfig, index: ArtifactRef,
     }
     parents = [index.id] + ([prefixes.id] if prefixes is not None else [])
     return store.plan_stage("trajectories", identity, parents)
+
+
+def pinned(store: ArtifactStore, id_: str, stage: str) -> ArtifactRef:
+    """An existing artifact named in the config (``rollout.artifact``, ``prefixes.artifact``), checked."""
+    ref = store.resolve(id_)
+    if ref.stage != stage:
+        raise ArtifactError(f"artifact {id_!r} is a {ref.stage} artifact, not {stage}")
+    return ref
 
 
 def rollout_datasets(cfg: PipelineConfig):
@@ -67,8 +75,15 @@ def cached_pipeline(store: ArtifactStore, cfg: PipelineConfig) -> dict[str, Arti
     store without starting Prefect.
     """
     index = plan_index(store, cfg).ref
-    prefixes = plan_prefixes(store, cfg).ref if cfg.rollout.use_prefixes or cfg.cot_student.enabled else None
-    trajectories = plan_rollout(store, cfg, index, prefixes if cfg.rollout.use_prefixes else None).ref
+    prefixes = None
+    if cfg.prefixes.artifact:
+        prefixes = pinned(store, cfg.prefixes.artifact, "prefixes")
+    elif cfg.rollout.use_prefixes or cfg.cot_student.enabled:
+        prefixes = plan_prefixes(store, cfg).ref
+    if cfg.rollout.artifact:
+        trajectories = pinned(store, cfg.rollout.artifact, "trajectories")
+    else:
+        trajectories = plan_rollout(store, cfg, index, prefixes if cfg.rollout.use_prefixes else None).ref
     sources = {"agent": (trajectories, cfg.train)}
     if cfg.cot_student.enabled:
         sources["cot"] = (prefixes, cfg.cot_student.train)

@@ -34,7 +34,10 @@ def test_paper_profile_is_the_papers_setup():
     assert len(cfg.evaluate.datasets) == 8
 
 
-def test_demo_profile_uses_only_embedded_models():
+def test_demo_profile_uses_only_embedded_models_and_the_papers_filter():
     cfg = load_config(PipelineConfig, CONFIG_DIR / "demo.yaml")
-    assert cfg.teacher.model == cfg.student.model == "smollm2-135m-instruct"
+    assert (cfg.teacher.kind, cfg.teacher.model) == ("llamacpp", "qwen2.5-coder-1.5b-instruct")
+    assert cfg.student.model == cfg.train.base_model == "smollm2-135m-instruct"
+    assert cfg.sft.require_correct
+    assert {"teacher", "student", "agent_student"} <= {m.model for m in cfg.evaluate.methods}
     assert cfg.index.embedder == "minilm-l6-v2" and cfg.index.corpus.source == "vital-articles"
