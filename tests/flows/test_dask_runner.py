@@ -151,6 +151,8 @@ def test_a_worker_killed_mid_run_leaves_every_question_predicted_once(tmp_path, 
     rerun = evaluate(home, config, api_url, *address)
     rerun_output, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, f"first run (exit {first_exit}):\n{output}\nre-run:\n{rerun_output}"
+    # One evaluation: the re-run planned the same artifact (its id covers the config and the code version).
+    assert len(list(home.glob("evals/*/manifest.json"))) == 1
     after = {p.name: p.stat().st_mtime_ns for p in home.glob(pattern)}
     assert len(after) == 6
     assert all(after[name] == mtime for name, mtime in finished.items())  # finished shards were not redone
