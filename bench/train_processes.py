@@ -56,20 +56,10 @@ def losses(out_dir: Path) -> list[float]:
     return [row["loss"] for row in pq.read_table(out_dir / "losses.parquet").to_pylist()]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="student spec, local folder or 'tiny'")
-    parser.add_argument("--examples", type=int, default=24, help="synthetic trajectories")
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
-    parser.add_argument("--per-device-batch-size", type=int, default=1)
-    parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--passes", type=int, default=2, help="interleaved 1-process/2-process passes (best kept)")
-    parser.add_argument("--out", type=Path, default=Path("bench/out/train_processes.json"), help="results file")
-    args = parser.parse_args()
-
+def run_passes(args, folder: Path) -> tuple[float, dict, float, dict]:
+    """The interleaved passes in ``folder``: (ratio, best tokens/s by run, loss gap, every run)."""
     from training.sft import TrainConfig
 
-    folder = Path(tempfile.mkdtemp(prefix="distillery-bench-ddp-"))
     model = str(tiny_student(folder / "tiny")) if args.model == "tiny" else args.model
     examples = write_examples(folder / "examples.parquet", synthetic_examples(args.examples, seed=0))
 
@@ -95,6 +85,22 @@ def main() -> None:
     print(f"model {args.model}, {os.cpu_count()} cores, global batch {args.per_device_batch_size * 2}: "
           f"1 process {best['one']:.0f} tokens/s, 2 processes {best['two']:.0f} tokens/s, ratio {ratio:.2f}; "
           f"losses agree within {loss_gap:.1e} relative")
+    return ratio, best, loss_gap, runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="student spec, local folder or 'tiny'")
+    parser.add_argument("--examples", type=int, default=24, help="synthetic trajectories")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
+    parser.add_argument("--per-device-batch-size", type=int, default=1)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--passes", type=int, default=2, help="interleaved 1-process/2-process passes (best kept)")
+    parser.add_argument("--out", type=Path, default=Path("bench/out/train_processes.json"), help="results file")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="distillery-bench-ddp-") as tmp:
+        ratio, best, loss_gap, runs = run_passes(args, Path(tmp))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "cores": os.cpu_count(), "steps": args.steps,
                                     "tokens_per_s": best, "ratio": ratio, "loss_gap_rel": loss_gap,
