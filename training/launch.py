@@ -31,6 +31,8 @@ from typing import TextIO
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from storage.errors import UserError
+
 from training.sft import TrainConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -47,8 +49,8 @@ class TrainJob(BaseModel):
     resume: bool = Field(False, description="continue from the newest complete checkpoint in out_dir")
 
 
-class LaunchError(RuntimeError):
-    """``accelerate launch`` exited with an error."""
+class LaunchError(UserError, RuntimeError):
+    """``accelerate launch`` exited with an error (a rank died, or training failed); one line for the user."""
 
 
 def write_job(job_path: Path, job: TrainJob) -> Path:
