@@ -22,7 +22,6 @@ class PrefixConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = Field(False, description="run the CoT pass and start rollouts with its first step (FTP)")
     max_new_tokens: int = Field(512, ge=1, description="token limit of one CoT solution")
     temperature: float = Field(0.0, ge=0.0, description="sampling temperature (0 = greedy)")
     seed: int = Field(0, description="base seed of the per-question seeds")

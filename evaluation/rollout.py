@@ -39,7 +39,6 @@ class RolloutConfig(BaseModel):
     use_prefixes: bool = Field(False, description="start each first thought with the teacher's CoT first step (FTP)")
     num_parts: int = Field(8, ge=1, description="parts per dataset; each is written atomically and skipped on resume")
     limit: int | None = Field(None, ge=1, description="take only the first N questions of each dataset")
-    search_top_k: int = Field(3, ge=1, description="passages web_search returns")
     artifact: str | None = Field(
         None, description="use this existing trajectories artifact (e.g. imported) instead of running the teacher"
     )

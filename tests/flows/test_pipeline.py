@@ -66,7 +66,6 @@ def tiny_setup(tmp_path, tiny_student, monkeypatch):  # noqa: F811
         "sandbox": {"workers": 2},
         "teacher": {"kind": "scripted", "model": "scripted-teacher"},
         "student": student,
-        "prefixes": {"enabled": True},
         "rollout": {"datasets": datasets, "num_parts": 2, "use_prefixes": True, "agent": {"max_steps": 3}},
         "train": {"base_model": str(tiny_student), "epochs": 1, "per_device_batch_size": 2, "grad_accum": 1,
                   "lora": {"r": 4, "alpha": 8}, "max_length": 1024},
