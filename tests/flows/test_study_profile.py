@@ -1,0 +1,59 @@
+"""The study profile (configs/cpu-study.yaml) end to end at a tiny scale, on its real models: the
+Qwen2.5-Coder-1.5B teacher and the 0.5B student on llama.cpp, FTP prefixes, the paper's filter (correct
+trajectories only), agent- and CoT-distilled students trained with LoRA, and every row of its table."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from storage.catalog import query
+from tests.flows.test_pipeline import CORPUS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_the_study_profile_runs_end_to_end_at_a_tiny_scale(tmp_path, home):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(doc) + "\n" for doc in CORPUS))
+    tiny_lora = "{epochs: 1, max_length: 1024, per_device_batch_size: 1, grad_accum: 1, lora: {r: 4, alpha: 8}}"
+    overrides = [
+        f"index.corpus.source={corpus}",
+        "sandbox.workers=1",
+        "teacher.slots=3", "student.slots=2",
+        "prefixes.max_new_tokens=160",
+        'rollout.datasets=[{name: arith, source: "builtin:arith", split: train, kind: math, num_questions: 3}]',
+        "rollout.num_parts=1", "rollout.agent.max_steps=2", "rollout.agent.max_new_tokens=160",
+        "sft.drop_parse_errors=false",
+        f"train={{base_model: qwen2.5-coder-0.5b-instruct, checkpoint_every: 100, "
+        f"{tiny_lora[1:-1]}}}",
+        f"cot_student.train={{base_model: qwen2.5-coder-0.5b-instruct, {tiny_lora[1:-1]}}}",
+        'evaluate.datasets=[{name: arith, source: "builtin:arith", split: test, kind: math, num_questions: 1}]',
+        "evaluate.agent.max_steps=1", "evaluate.agent.max_new_tokens=96", "evaluate.cot_max_new_tokens=128",
+        "evaluate.sag.n=2",
+    ]
+    command = [sys.executable, "-m", "flows.cli", "--home", str(home), "run", "--config",
+               str(ROOT / "configs" / "cpu-study.yaml")]
+    for override in overrides:
+        command += ["--set", override]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=3600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    stages = dict(query(home, "select stage, count(*) from artifacts group by all")[1])
+    assert stages == {"index": 1, "prefixes": 1, "trajectories": 1, "sft_data": 2, "adapters": 2, "evals": 1}
+    [(episodes, correct)] = query(home, "select count(*), sum(correct::int) from episodes")[1]
+    assert episodes == 3 and correct >= 1  # the teacher solves some, so the paper's filter keeps some
+    [(kept,)] = query(home, "select count(*) from sft_examples where kind = 'agent'")[1]
+    assert kept == correct
+    rows = sorted(query(home, "select method, model, n from metrics")[1])
+    assert [method for method, _, _ in rows] == sorted([
+        "cot", "agent", "cot-distilled", "cot-distilled+rag", "agent-distilled", "agent-distilled+sag",
+        "teacher-cot", "teacher-agent"])
+    assert all(n == 1 for _, _, n in rows)
+    models = {method: model for method, model, _ in rows}
+    assert models["teacher-agent"] == "qwen2.5-coder-1.5b-instruct" and models["cot"] == "qwen2.5-coder-0.5b-instruct"
+    for adapter in home.glob("adapters/*/adapter"):
+        assert (adapter / "adapter_model.safetensors").is_file()
