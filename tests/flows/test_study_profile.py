@@ -19,13 +19,18 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_study_profile_runs_end_to_end_at_a_tiny_scale(tmp_path, home):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(doc) + "\n" for doc in CORPUS))
+    # Easy questions, so that the teacher's CoT (the CoT student's data) and its agent both get some right.
+    easy = tmp_path / "easy.jsonl"
+    easy.write_text("".join(json.dumps({"id": f"e{i}", "question": q, "answer": a}) + "\n" for i, (q, a) in
+                            enumerate([("What is 17 + 25?", "42"), ("What is 9 * 8?", "72"),
+                                       ("What is 100 - 37?", "63")])))
     tiny_lora = "{epochs: 1, max_length: 1024, per_device_batch_size: 1, grad_accum: 1, lora: {r: 4, alpha: 8}}"
     overrides = [
         f"index.corpus.source={corpus}",
         "sandbox.workers=1",
         "teacher.slots=3", "student.slots=2",
         "prefixes.max_new_tokens=160",
-        'rollout.datasets=[{name: arith, source: "builtin:arith", split: train, kind: math, num_questions: 3}]',
+        'rollout.datasets=[{name: easy, source: "%s", kind: math}]' % easy,
         "rollout.num_parts=1", "rollout.agent.max_steps=2", "rollout.agent.max_new_tokens=160",
         "sft.drop_parse_errors=false",
         f"train={{base_model: qwen2.5-coder-0.5b-instruct, checkpoint_every: 100, "
