@@ -53,7 +53,11 @@ def test_build_writes_index_passages_and_meta_in_faiss_order(built_index):
     index = faiss.read_index(str(built_index / "faiss.index"))
     embedder = Embedder("minilm-l6-v2", device="cpu")
     row5 = embedder.encode_passages([join_contents(TITLES[5], ARTICLES[TITLES[5]])])[0]
-    np.testing.assert_allclose(index.reconstruct(5), row5, atol=1e-5)
+    # Equal up to the embedder's precision: under bf16 autocast (CPUs with native bf16) a passage's vector
+    # depends slightly on the batch it was encoded in, so the check is cosine and nearest neighbour.
+    stored = index.reconstruct(5)
+    assert float(stored @ row5 / (np.linalg.norm(stored) * np.linalg.norm(row5))) > 0.999
+    assert index.search(row5[None, :].astype(np.float32), 1)[1][0][0] == 5
 
 
 def test_a_title_query_retrieves_that_article_first(built_index):
