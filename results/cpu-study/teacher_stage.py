@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from storage.catalog import query  # noqa: E402
+from storage.catalog import query
 
 SQL = """
 with cot as (select dataset, count(*) as n, sum(correct::int) as correct from cot_solutions group by all),

@@ -30,11 +30,10 @@ def test_the_study_profile_runs_end_to_end_at_a_tiny_scale(tmp_path, home):
         "sandbox.workers=1",
         "teacher.slots=3", "student.slots=2",
         "prefixes.max_new_tokens=160",
-        'rollout.datasets=[{name: easy, source: "%s", kind: math}]' % easy,
+        f'rollout.datasets=[{{name: easy, source: "{easy}", kind: math}}]',
         "rollout.num_parts=1", "rollout.agent.max_steps=2", "rollout.agent.max_new_tokens=160",
         "sft.drop_parse_errors=false",
-        f"train={{base_model: qwen2.5-coder-0.5b-instruct, checkpoint_every: 100, "
-        f"{tiny_lora[1:-1]}}}",
+        f"train={{base_model: qwen2.5-coder-0.5b-instruct, checkpoint_every: 100, {tiny_lora[1:-1]}}}",
         f"cot_student.train={{base_model: qwen2.5-coder-0.5b-instruct, {tiny_lora[1:-1]}}}",
         'evaluate.datasets=[{name: arith, source: "builtin:arith", split: test, kind: math, num_questions: 1}]',
         "evaluate.agent.max_steps=1", "evaluate.agent.max_new_tokens=96", "evaluate.cot_max_new_tokens=128",
