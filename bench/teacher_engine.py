@@ -45,11 +45,11 @@ def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
 def cpu_description() -> dict:
     from storage.models import cpu_has_native_bf16
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
                   if line.startswith("model name")), "unknown")
-    flags = Path("/proc/cpuinfo").read_text()
     return {"cpu": model, "cores": len(__import__("os").sched_getaffinity(0)),
-            "native_bf16": cpu_has_native_bf16(), "avx512": " avx512f " in flags}
+            "native_bf16": cpu_has_native_bf16(), "avx512": " avx512f " in cpuinfo}
 
 
 def run_engine(engine: str, model: str, tasks, cfg) -> dict:

@@ -143,12 +143,16 @@ def verify(model: SplitGguf) -> str | None:
     """Hash the assembled file now; on success remember its stat so ``ready_path`` can trust it cheaply."""
     path = assembled_path(model)
     problem = check_file(model, path)
-    stamp = _stamp_path(model)
     if problem is None:
-        stamp.write_text(json.dumps(_stat_key(path)))
-    elif stamp.exists():
-        stamp.unlink()
+        _remember_verified(model, path)
+    else:
+        _stamp_path(model).unlink(missing_ok=True)
     return problem
+
+
+def _remember_verified(model: SplitGguf, path: Path) -> None:
+    """Record the stat of a file just checked, so ``ready_path`` trusts it until it changes."""
+    _stamp_path(model).write_text(json.dumps(_stat_key(path)))
 
 
 def ready_path(model: SplitGguf) -> Path:
@@ -210,12 +214,10 @@ def assemble(model: SplitGguf, progress=None) -> Path:
         problem = check_file(model, partial)
         if problem is not None:
             raise ModelFileError(f"model {model.spec!r}: the assembled parts do not give the pinned file: {problem}")
-        os.replace(partial, target)
+        os.replace(partial, target)  # same inode: the check of the partial file holds for the target
     finally:
         partial.unlink(missing_ok=True)
-    problem = verify(model)  # records the stamp for the file now in place
-    if problem is not None:
-        raise ModelFileError(f"model {model.spec!r}: {problem}")
+    _remember_verified(model, target)
     return target
 
 
