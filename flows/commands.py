@@ -32,7 +32,7 @@ def store() -> ArtifactStore:
 def models(args) -> int:
     from flows.model_commands import install_models, list_models
 
-    return install_models(args.specs) if args.action == "install" else list_models(args.specs)
+    return install_models(args.specs) if args.action == "install" else list_models(args.specs, args.format)
 
 
 def query(args) -> int:

@@ -6,12 +6,17 @@ now; ``install`` pip-installs missing parts and assembles or re-assembles the sp
 
 from __future__ import annotations
 
+import json
+
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
 from storage import model_files
 from storage.models import EMBEDDED_EMBEDDERS, EMBEDDED_LMS, ModelNotAvailable, package_dir
+
+
+COLUMNS = ("spec", "source", "size", "path", "state")
 
 
 def _rows(specs: list[str]) -> list[tuple[str, str, str, str, str]]:
@@ -39,10 +44,15 @@ def _size(path) -> str:
     return f"{total / 2**20:,.0f} MiB"
 
 
-def list_models(specs: list[str]) -> int:
+def list_models(specs: list[str], output: str = "table") -> int:
     _check_known(specs)
-    table = Table("spec", "source", "size", "path", "state")
-    for row in _rows(specs):
+    rows = _rows(specs)
+    if output == "json":
+        for row in rows:
+            print(json.dumps(dict(zip(COLUMNS, row))))
+        return 0
+    table = Table(*COLUMNS)
+    for row in rows:
         table.add_row(*row)
     Console(width=200).print(table)
     return 0

@@ -7,6 +7,7 @@ A small real GGUF is cut into parts laid out like the wheels (``<package>N/data/
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -89,10 +90,11 @@ def test_a_file_with_another_header_name_is_rejected(split_model):
 
 @pytest.mark.slow
 def test_distillery_models_lists_the_three_generative_models_verified():
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "models"], capture_output=True, text=True,
-                            check=False, env={**__import__("os").environ, "COLUMNS": "250"})
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "models", "--format", "json"],
+                            capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
-    lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 3}
-    assert "installed" in lines["smollm2-135m-instruct"]
+    rows = {row["spec"]: row for row in map(json.loads, result.stdout.splitlines())}
+    assert rows["smollm2-135m-instruct"]["state"] == "installed", result.stdout
     for spec in ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"):
-        assert "verified (size, SHA-256, header)" in lines[spec], result.stdout
+        assert rows[spec]["state"] == "verified (size, SHA-256, header)", result.stdout
+        assert Path(rows[spec]["path"]).stat().st_size == model_files.SPLIT_GGUFS[spec].size
