@@ -25,6 +25,7 @@ from agent_runtime.engine import AgentConfig, AgentTask, SagConfig
 from evaluation.datasets import DatasetConfig, Question
 from evaluation.grading import extract_answer, grade
 from evaluation.rollout import run_questions
+from storage.errors import UserError
 
 TEST_SETS = (
     DatasetConfig(name="arith", source="builtin:arith", split="test", kind="math", num_questions=32),
@@ -46,6 +47,8 @@ class MethodConfig(BaseModel):
     sag: bool = Field(False, description="self-consistent action generation (settings in evaluate.sag)")
     rag: bool = Field(False, description="cot mode: put the question's top search.top_k passages in the prompt "
                                          "(the paper's Distill + RAG row)")
+    limit: int | None = Field(None, ge=1, description="take only the first N questions of each dataset for this "
+                                                      "method (e.g. a slow reference row; its n says so)")
 
     @model_validator(mode="after")
     def _rag_is_for_cot(self) -> MethodConfig:
@@ -79,6 +82,14 @@ class EvalConfig(BaseModel):
                                "cpu_count // max_workers torch threads each; or a Dask cluster")
     address: str | None = Field(None, description="Dask scheduler address for runner 'dask' (None: a local cluster)")
     limit: int | None = Field(None, ge=1, description="take only the first N questions of each dataset")
+
+    def only_methods(self, names: list[str]) -> EvalConfig:
+        """This config with only the methods named (in the config's order); an unknown name is an error."""
+        known = [m.name for m in self.methods]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise UserError(f"unknown evaluation method(s) {unknown}; the config has {known}")
+        return self.model_copy(update={"methods": tuple(m for m in self.methods if m.name in names)})
 
     def distilled_models(self) -> set[str]:
         """The trained students (``agent_student``, ``cot_student``) some method evaluates."""

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--accelerate-config", type=Path, help="accelerate config (see configs/accelerate/)")
     evaluate = stage("evaluate", "evaluate baselines and students, sharded; write metrics and a report")
     evaluate.add_argument("--limit", type=int, help="take only the first N questions of each dataset")
+    evaluate.add_argument("--methods", help="only these methods of the config, comma-separated names "
+                                            "(e.g. cot,agent); each selection is its own evaluation artifact")
     evaluate.add_argument("--runner", choices=("threads", "processes", "dask"), default=None,
                           help="how shards run: threads, one process per shard, or a Dask cluster")
     evaluate.add_argument("--address", help="Dask scheduler address for --runner dask, e.g. tcp://host:8786")

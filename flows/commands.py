@@ -119,8 +119,9 @@ def regrade(args) -> int:
 
 # ----------------------------------------------------------------------------- stages
 
-def load(args, limits: dict | None = None):
-    """The pipeline config of ``--config``/``--set``; ``limits`` adds overrides for options like --limit.
+def load(args, limits: dict | None = None, methods: list[str] | None = None):
+    """The pipeline config of ``--config``/``--set``; ``limits`` adds overrides for options like --limit,
+    ``methods`` keeps only these evaluation methods (by name, in the config's order).
 
     The inputs the command will read (datasets, corpus, models, adapters) are checked here, before any
     flow starts (see ``flows.checks``).
@@ -131,6 +132,8 @@ def load(args, limits: dict | None = None):
 
     extra = [f"{key}={value}" for key, value in (limits or {}).items() if value is not None]
     cfg = load_config(PipelineConfig, args.config, [*args.overrides, *extra])
+    if methods:
+        cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.only_methods(methods)})
     check_command(cfg, args.command)
     return cfg
 
@@ -204,7 +207,8 @@ def evaluate(args) -> int:
     from flows.summary import print_summary
 
     limits = {"evaluate.limit": args.limit, "evaluate.runner": args.runner, "evaluate.address": args.address}
-    ref = evaluate_flow(load(args, limits=limits), home=str(store().root))
+    methods = [name.strip() for name in args.methods.split(",") if name.strip()] if args.methods else None
+    ref = evaluate_flow(load(args, limits=limits, methods=methods), home=str(store().root))
     print_summary(store(), {"evaluation": ref})
     return 0
 

@@ -70,7 +70,8 @@ def run_shard(job: ShardJob) -> int:
     if job.path.is_file():
         return -1
     method, dataset = job.cfg.methods[job.method_index], job.cfg.datasets[job.dataset_index]
-    questions = split_parts(load_dataset(with_limit(dataset, job.cfg.limit)), job.cfg.num_shards)[job.shard]
+    dataset = with_limit(with_limit(dataset, job.cfg.limit), method.limit)
+    questions = split_parts(load_dataset(dataset), job.cfg.num_shards)[job.shard]
     labels = {"artifact_id": job.eval_ref.id, "model": job.backend.model, "method": method.name,
               "adapter": job.adapter_id, "shard": job.shard}
     rows: list[dict] = []

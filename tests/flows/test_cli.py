@@ -65,6 +65,12 @@ def test_malformed_config_file_names_file_and_line(home, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_unknown_evaluation_method_is_one_line_naming_the_known_ones(home):
+    result = cli("evaluate", "--methods", "cot,no-such-method", home=home)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "unknown evaluation method(s) ['no-such-method']; the config has ['teacher-agent', 'cot'" in result.stderr
+
+
 def test_invalid_value_names_the_field(home):
     result = cli("rollout", "--set", "rollout.num_parts=0", home=home)
     assert result.returncode == 2 and "rollout.num_parts" in result.stderr

@@ -132,3 +132,17 @@ def test_pipeline_runs_every_stage_with_lineage_and_reuses_them(tiny_setup, home
     assert third["adapter_agent"] == results["adapter_agent"] and third["evaluation"] != results["evaluation"]
     assert len(store.list("trajectories")) == 1 and len(store.list("evals")) == 2
     assert cached_pipeline(store, changed) == third
+
+    # `distillery evaluate --methods cot,agent` with a per-method limit: only those rows, the limited
+    # method on the first question of each dataset; a new artifact beside the others.
+    from flows.evaluate import evaluate_flow
+    from storage.errors import UserError
+
+    methods = tuple(m.model_copy(update={"limit": 1}) if m.name == "cot" else m for m in cfg.evaluate.methods)
+    chosen = cfg.evaluate.model_copy(update={"methods": methods}).only_methods(["agent", "cot"])
+    assert [m.name for m in chosen.methods] == ["cot", "agent"]
+    subset = evaluate_flow(cfg.model_copy(update={"evaluate": chosen}), home=str(home))
+    counts = query(home, f"select method, dataset, n from metrics where artifact_id = '{subset.id}' order by 1, 2")[1]
+    assert counts == [("agent", "facts", 2), ("agent", "math", 4), ("cot", "facts", 1), ("cot", "math", 1)]
+    with pytest.raises(UserError, match=r"unknown evaluation method\(s\) \['sag'\]; the config has \['cot'"):
+        cfg.evaluate.only_methods(["sag"])
