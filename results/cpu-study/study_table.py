@@ -1,0 +1,98 @@
+"""The study's results table from an artifact home: every evaluation artifact's metrics (one per method,
+made with ``distillery evaluate --methods NAME``), written as ``metrics.csv``, a Markdown table beside the
+paper's Qwen2.5-0.5B rows (``table.md``) and a plot (``accuracy.png``).
+
+    python results/cpu-study/study_table.py --home /path/to/home --out results/cpu-study
+
+Accuracy is in points (0-100). The numbers are read with ``distillery query`` views, so
+``distillery --home HOME query "select method, dataset, n, accuracy from metrics"`` shows the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from storage.catalog import query
+
+ROWS = ("cot", "agent", "cot-distilled", "cot-distilled+rag", "agent-distilled", "agent-distilled+sag",
+        "teacher-cot", "teacher-agent")
+COLUMNS = ("arith", "facts", "gsm-hard", "bamboogle")
+# Kang et al. (NeurIPS 2025), Table 2, Qwen2.5-0.5B-Instruct student, average over the eight benchmarks,
+# and its GSM-Hard column (the only held-out column the study shares with the paper's table).
+PAPER = {"cot": (11.1, 25.6), "agent": (1.8, None), "cot-distilled": (13.6, None),
+         "agent-distilled": (19.2, None), "agent-distilled+sag": (21.9, 40.8)}
+SQL = """
+select m.method, m.model, m.dataset, m.n, round(100 * m.accuracy, 1) as accuracy, m.parse_error_rate,
+       m.mean_steps, m.tokens_per_question, m.artifact_id
+from metrics m join artifacts a on a.id = m.artifact_id and a.stage = 'evals'
+order by m.method, m.dataset
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    args = parser.parse_args()
+    columns, rows = query(args.home, SQL)
+    seen = [r[0] for r in rows]
+    if len(seen) != len({(r[0], r[2]) for r in rows}):
+        raise SystemExit(f"{args.home}: a method was evaluated by more than one artifact; keep one")
+    with (args.out / "metrics.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    cells = {(r[0], r[2]): (r[4], r[3]) for r in rows}
+    table = markdown(cells)
+    (args.out / "table.md").write_text(table)
+    print(table)
+    plot(cells, args.out / "accuracy.png")
+    return 0
+
+
+def average(cells: dict, method: str) -> float | None:
+    """The mean accuracy over the held-out columns, or None while a column is missing."""
+    values = [cells[(method, c)][0] for c in COLUMNS if (method, c) in cells]
+    return round(sum(values) / len(values), 1) if len(values) == len(COLUMNS) else None
+
+
+def markdown(cells: dict) -> str:
+    head = "| method | " + " | ".join(f"{c}" for c in COLUMNS) + " | average | paper avg (0.5B) | paper GSM-Hard |"
+    lines = [head, "|---|" + "---:|" * (len(COLUMNS) + 3)]
+    for method in ROWS:
+        row = [f"{cells[(method, c)][0]:.1f} (n={cells[(method, c)][1]})" if (method, c) in cells else "—"
+               for c in COLUMNS]
+        mean = average(cells, method)
+        paper = PAPER.get(method, (None, None))
+        lines.append(f"| {method} | " + " | ".join(row) + f" | {'—' if mean is None else f'{mean:.1f}'} | "
+                     + " | ".join("—" if p is None else f"{p:.1f}" for p in paper) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(cells: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in ROWS if any((m, c) in cells for c in COLUMNS)]
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for i, method in enumerate(methods):
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(COLUMNS))]
+        ax.bar(xs, [cells.get((method, c), (0, 0))[0] for c in COLUMNS], width=width, label=method)
+    ax.set_xticks(range(len(COLUMNS)), COLUMNS)
+    ax.set_ylabel("accuracy, %")
+    ax.set_title("Qwen2.5-Coder-1.5B agent distilled into Qwen2.5-Coder-0.5B (held-out sets)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
