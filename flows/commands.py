@@ -157,14 +157,14 @@ def run(args) -> int:
 
 
 def index(args) -> int:
-    from flows.plans import plan_index
+    from flows.plans import plan_pipeline
 
     cfg = load(args)
-    plan = plan_index(store(), cfg)
+    plan = plan_pipeline(store(), cfg, ("index",))
     # Without a Prefect server there is no run history to record: a finished index is reported
     # without starting Prefect's ephemeral API (which alone takes ~15 s to start).
-    if not os.environ.get("PREFECT_API_URL") and store().exists(plan.ref):
-        print_ref(plan.ref)
+    if not os.environ.get("PREFECT_API_URL") and plan.complete():
+        print_ref(plan.ref("index"))
         print("(cached: the index with this config and corpus already exists)", file=sys.stderr)
         return 0
     from flows.index import index_flow

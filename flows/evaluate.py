@@ -3,7 +3,7 @@
 The shards of every (method, dataset) are mapped over Prefect's task runner: threads locally
 (``evaluate.runner: threads``), one process per shard with ``cores // max_workers`` CPU threads each
 (``processes``), a Dask cluster (``dask``, ``--address tcp://…``), and one process per GPU on a
-multi-GPU machine. Methods that need a distilled student train it first (cached as usual).
+multi-GPU machine. Methods that need a distilled student train it first when it is missing.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from agent_runtime.backends import BackendConfig
 from flows.checks import check_adapter, check_evaluate_inputs
 from flows.config import PipelineConfig
 from flows.index import index_flow
-from flows.plans import plan_evaluate
+from flows.plans import plan_pipeline
 from flows.settings import ConfigError
+from flows.train import train_flow
 from storage.store import ArtifactRef, ArtifactStore, default_root
 from tasks.caching import bind
 from tasks.evaluate import ShardJob, ShardPin, evaluate_shard, finish_evaluation
@@ -27,23 +28,25 @@ from tasks.evaluate import ShardJob, ShardPin, evaluate_shard, finish_evaluation
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = None,
                   adapters: dict[str, ArtifactRef] | None = None) -> ArtifactRef:
-    """Evaluate ``cfg.evaluate.methods`` on ``cfg.evaluate.datasets``; returns the ``evals`` artifact."""
-    check_evaluate_inputs(cfg)
-    store = ArtifactStore(home or default_root())
-    index = index_flow(cfg, home=str(store.root))
-    needed = cfg.evaluate.distilled_models()
-    if adapters is None and needed:
-        from flows.train import train_flow
+    """Evaluate ``cfg.evaluate.methods`` on ``cfg.evaluate.datasets``; returns the ``evals`` artifact.
 
-        adapters = train_flow(cfg, home=str(store.root))
-    adapters = {kind: ref for kind, ref in (adapters or {}).items() if f"{kind}_student" in needed}
-    for ref in adapters.values():
+    The distilled students are ``adapters`` when given (the re-evaluation passes stored ones), else the
+    config's, trained first when missing.
+    """
+    check_evaluate_inputs(cfg)
+    plan = plan_pipeline(ArtifactStore(home or default_root()), cfg, ("evals",), adapters)
+    stage = plan["evals"]
+    if plan.missing("index"):
+        index_flow(cfg, home=str(plan.store.root))
+    if any(plan.missing(name) for name in stage.inputs if name != "index"):
+        train_flow(cfg, home=str(plan.store.root))
+    students = plan.adapters()
+    for ref in students.values():
         check_adapter(ref.path / "adapter")
-    plan = plan_evaluate(store, cfg, index, adapters)
-    if not store.exists(plan.ref):
-        jobs = shard_jobs(cfg, plan.ref, index, adapters)
+    if not plan.built("evals"):
+        jobs = shard_jobs(cfg, stage.ref, plan.ref("index"), students)
         run_shards.with_options(task_runner=task_runner(cfg))(jobs, shard_pins(cfg, len(jobs), gpu_count()))
-    return bind(finish_evaluation, plan)(plan)
+    return bind(finish_evaluation, stage.plan)(stage.plan)
 
 
 @flow(name="evaluate-shards")

@@ -10,7 +10,7 @@ from prefect import flow
 
 from flows.checks import check_index_inputs
 from flows.config import PipelineConfig
-from flows.plans import plan_index
+from flows.plans import plan_pipeline
 from storage.store import ArtifactRef, ArtifactStore, default_root
 from tasks.caching import bind
 from tasks.index import build_index
@@ -20,6 +20,5 @@ from tasks.index import build_index
 def index_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = None) -> ArtifactRef:
     """Build the FAISS index artifact of ``cfg.index`` under ``home`` and return its reference."""
     check_index_inputs(cfg)
-    store = ArtifactStore(home or default_root())
-    plan = plan_index(store, cfg)
-    return bind(build_index, plan)(plan, cfg.index)
+    stage = plan_pipeline(ArtifactStore(home or default_root()), cfg, ("index",))["index"]
+    return bind(build_index, stage.plan)(stage.plan, cfg.index)

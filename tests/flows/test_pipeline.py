@@ -7,6 +7,7 @@ by looking the question up, after one web_search step.
 """
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 
@@ -81,13 +82,30 @@ def tiny_setup(tmp_path, tiny_student, monkeypatch):  # noqa: F811
     return cfg, generator
 
 
+STAGE_FLOWS = ("index", "prefixes", "rollout", "train", "evaluate")
+
+
+def stage_flow_runs(since) -> dict[str, int]:
+    """How many runs of each stage flow Prefect recorded since ``since`` (the harness's API)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)))
+        names = {flow.id: flow.name for flow in client.read_flows()}
+    started = [names[run.flow_id] for run in runs]
+    return {name: started.count(name) for name in STAGE_FLOWS}
+
+
 def test_pipeline_runs_every_stage_with_lineage_and_reuses_them(tiny_setup, home, prefect_harness):
     from flows.pipeline import pipeline_flow
     from flows.plans import cached_pipeline
 
     cfg, generator = tiny_setup
     assert cached_pipeline(ArtifactStore(home), cfg) is None  # nothing built yet
+    started = datetime.now(UTC)
     results = pipeline_flow(cfg, home=str(home))
+    assert stage_flow_runs(started) == dict.fromkeys(STAGE_FLOWS, 1)  # each stage flow once, in the pipeline
     store = ArtifactStore(home)
     stages = {m["stage"]: m for m in store.list()}
     assert set(stages) == {"index", "prefixes", "trajectories", "sft_data", "adapters", "evals"}
@@ -146,3 +164,21 @@ def test_pipeline_runs_every_stage_with_lineage_and_reuses_them(tiny_setup, home
     assert counts == [("agent", "facts", 2), ("agent", "math", 4), ("cot", "facts", 1), ("cot", "math", 1)]
     with pytest.raises(UserError, match=r"unknown evaluation method\(s\) \['sag'\]; the config has \['cot'"):
         cfg.evaluate.only_methods(["sag"])
+
+
+def test_a_stage_flow_on_a_fresh_home_builds_each_missing_input_once(tiny_setup, home, prefect_harness):
+    from flows.evaluate import evaluate_flow
+    from flows.plans import plan_pipeline
+
+    cfg, _ = tiny_setup
+    methods = tuple(m for m in cfg.evaluate.methods if m.name == "agent-distilled")
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"methods": methods, "num_shards": 1})})
+    plan = plan_pipeline(ArtifactStore(home), cfg, ("evals",))
+    assert list(plan.stages) == ["index", "prefixes", "trajectories", "sft_data/agent", "adapters/agent", "evals"]
+    started = datetime.now(UTC)
+    evaluation = evaluate_flow(cfg, home=str(home))
+    # evaluate → index, train → (prefixes, rollout → the index already built): one run each.
+    assert stage_flow_runs(started) == dict.fromkeys(STAGE_FLOWS, 1)
+    assert evaluation == plan.ref("evals") and all(plan.built(name) for name in plan.stages)
+    # The CoT student is trained too (train builds every student of the config), but not evaluated.
+    assert len(ArtifactStore(home).list("adapters")) == 2

@@ -1,0 +1,117 @@
+"""The plan of a run: which stages a config needs, what each reads, and which are built, without Prefect.
+
+Artifacts are "built" here by writing their manifests (``store.open(plan).finish()``): the plan only
+looks at ids and manifests.
+"""
+
+import json
+
+import pytest
+
+from flows.config import PipelineConfig
+from flows.plans import cached_pipeline, plan_pipeline
+from storage.store import ArtifactError, ArtifactStore
+
+DISTILLED = [{"name": "agent", "model": "student", "mode": "agent"},
+             {"name": "agent-distilled", "model": "agent_student"},
+             {"name": "cot-distilled", "model": "cot_student", "mode": "cot"}]
+
+
+@pytest.fixture
+def config(tmp_path):
+    """A config over tiny files; ``config(**sections)`` replaces whole sections."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "1", "title": "Mars", "text": "Mars is red."}) + "\n")
+    questions = tmp_path / "math.jsonl"
+    questions.write_text(json.dumps({"id": "q1", "question": "What is 2 + 3?", "answer": "5"}) + "\n")
+    dataset = {"name": "math", "source": str(questions), "kind": "math"}
+
+    def make(**sections) -> PipelineConfig:
+        return PipelineConfig.model_validate({
+            "index": {"corpus": {"source": str(corpus)}},
+            "teacher": {"kind": "scripted", "model": "teacher"},
+            "rollout": {"datasets": [dataset], "use_prefixes": True},
+            "cot_student": {"enabled": True},
+            "evaluate": {"datasets": [dataset], "methods": DISTILLED},
+            **sections,
+        })
+    return make
+
+
+def build(store: ArtifactStore, plan, *names: str) -> None:
+    for name in names:
+        store.open(plan[name].plan).finish()
+
+
+def test_the_plan_states_the_chain_and_reports_what_is_built(tmp_path, config):
+    store, cfg = ArtifactStore(tmp_path / "home"), config()
+    plan = plan_pipeline(store, cfg)
+    assert {name: stage.inputs for name, stage in plan.stages.items()} == {
+        "index": (), "prefixes": (), "trajectories": ("index", "prefixes"),
+        "sft_data/agent": ("trajectories",), "adapters/agent": ("sft_data/agent",),
+        "sft_data/cot": ("prefixes",), "adapters/cot": ("sft_data/cot",),
+        "evals": ("index", "adapters/agent", "adapters/cot"),
+    }
+    assert not any(plan.built(name) for name in plan.stages) and all(plan.missing(n) for n in plan.stages)
+    assert cached_pipeline(store, cfg) is None
+    # Parents in the plan are the parents each artifact records.
+    assert plan["trajectories"].plan.parents == (plan.ref("index").id, plan.ref("prefixes").id)
+    assert plan["evals"].plan.parents == (plan.ref("index").id, plan.ref("adapters/agent").id,
+                                          plan.ref("adapters/cot").id)
+
+    build(store, plan, "index", "prefixes")
+    assert plan.built("index") and not plan.missing("index") and plan.missing("trajectories")
+    build(store, plan, *list(plan.stages)[2:])
+    again = plan_pipeline(store, cfg)
+    assert again.stages == plan.stages and again.complete() and not any(again.missing(n) for n in again.stages)
+    assert cached_pipeline(store, cfg) == {"adapter_agent": plan.ref("adapters/agent"),
+                                           "adapter_cot": plan.ref("adapters/cot"), "evaluation": plan.ref("evals")}
+
+
+def test_only_what_a_missing_target_reads_is_to_be_built(tmp_path, config):
+    store, cfg = ArtifactStore(tmp_path / "home"), config()
+    plan = plan_pipeline(store, cfg)
+    build(store, plan, "sft_data/agent", "sft_data/cot")
+    # The students' data exists: training needs neither rollouts nor prefixes (nor the index).
+    train = plan_pipeline(store, cfg, ("adapters",))
+    assert [n for n in train.stages if train.missing(n)] == ["adapters/agent", "adapters/cot"]
+    # The index is read by the evaluation itself, so it is built for it.
+    evaluate = plan_pipeline(store, cfg, ("evals",))
+    assert [n for n in evaluate.stages if evaluate.missing(n)] == ["index", "adapters/agent", "adapters/cot",
+                                                                   "evals"]
+
+
+def test_a_stage_command_plans_only_its_stage_and_inputs(tmp_path, config):
+    store = ArtifactStore(tmp_path / "home")
+    unread = {"name": "gone", "source": str(tmp_path / "missing.jsonl"), "kind": "math"}
+    cfg = config(rollout={"datasets": [unread]}, evaluate={"datasets": [unread]})
+    assert list(plan_pipeline(store, cfg, ("index",)).stages) == ["index"]  # reads no dataset
+    cfg = config(evaluate={"methods": DISTILLED[:1]})
+    assert {n: s.inputs for n, s in plan_pipeline(store, cfg, ("evals",)).stages.items()} == {
+        "index": (), "evals": ("index",)}
+    # Without FTP and the CoT student no stage reads the prefixes: they are not planned.
+    plain = config(rollout={"datasets": cfg.rollout.model_dump()["datasets"], "use_prefixes": False},
+                   cot_student={"enabled": False})
+    assert list(plan_pipeline(store, plain).stages) == ["index", "trajectories", "sft_data/agent",
+                                                        "adapters/agent", "evals"]
+
+
+def test_pinned_stages_are_resolved_and_never_built(tmp_path, config):
+    store, cfg = ArtifactStore(tmp_path / "home"), config()
+    full = plan_pipeline(store, cfg)
+    build(store, full, "prefixes", "trajectories")
+    pins = {"artifact": full.ref("trajectories").id[:8]}
+    pinned = plan_pipeline(store, config(rollout={**cfg.rollout.model_dump(), **pins}))
+    assert pinned["trajectories"].pinned and pinned["trajectories"].inputs == ()
+    assert pinned.ref("trajectories") == full.ref("trajectories") and not pinned.missing("trajectories")
+    assert pinned.ref("adapters/agent") == full.ref("adapters/agent")  # same ids downstream
+    prefixes = plan_pipeline(store, config(prefixes={"artifact": full.ref("prefixes").id}), ("adapters",))
+    assert prefixes["prefixes"].pinned and prefixes.ref("adapters/cot") == full.ref("adapters/cot")
+    with pytest.raises(ArtifactError, match="is a prefixes artifact, not trajectories"):
+        plan_pipeline(store, config(rollout={**cfg.rollout.model_dump(), "artifact": full.ref("prefixes").id}))
+    # Adapters given by the caller (the re-evaluation) are the evaluation's inputs as they are.
+    given = {"agent": full.ref("trajectories")}
+    evaluate = plan_pipeline(store, config(evaluate={**cfg.evaluate.model_dump(), "methods": DISTILLED[:2]}),
+                             ("evals",), given)
+    assert list(evaluate.stages) == ["index", "adapters/agent", "evals"] and evaluate["adapters/agent"].pinned
+    assert evaluate["evals"].plan.parents == (full.ref("index").id, full.ref("trajectories").id)
