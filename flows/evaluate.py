@@ -23,6 +23,7 @@ from flows.train import train_flow
 from storage.store import ArtifactRef, ArtifactStore, default_root
 from tasks.caching import bind
 from tasks.evaluate import ShardJob, ShardPin, evaluate_shard, finish_evaluation
+from tasks.resources import open_generators
 
 
 @flow(name="evaluate", log_prints=True)
@@ -45,7 +46,9 @@ def evaluate_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = Non
         check_adapter(ref.path / "adapter")
     if not plan.built("evals"):
         jobs = shard_jobs(cfg, stage.ref, plan.ref("index"), students)
-        run_shards.with_options(task_runner=task_runner(cfg))(jobs, shard_pins(cfg, len(jobs), gpu_count()))
+        # Shards in this process share the models; they are closed when the shards are done.
+        with open_generators(job.backend for job in jobs):
+            run_shards.with_options(task_runner=task_runner(cfg))(jobs, shard_pins(cfg, len(jobs), gpu_count()))
     return bind(finish_evaluation, stage.plan)(stage.plan)
 
 

@@ -76,9 +76,8 @@ def run_shard(job: ShardJob) -> int:
               "adapter": job.adapter_id, "shard": job.shard}
     rows: list[dict] = []
     if questions:
-        generator = generator_for(job.backend)
         search = search_for(job.index, job.index_cfg, job.search)
-        with Sandbox(job.sandbox, search=search) as sandbox:
+        with generator_for(job.backend) as generator, Sandbox(job.sandbox, search=search) as sandbox:
             rows = evaluate_questions(questions, dataset.kind, method, job.cfg, generator, sandbox, labels)
     # An empty shard still writes its (empty) file: it is done, and resume must not revisit it.
     atomic_write_table(job.path, pa.Table.from_pylist(rows, schema=PREDICTIONS), PREDICTIONS)

@@ -29,13 +29,9 @@ def build_prefixes(plan: StagePlan, cfg: PrefixConfig, teacher: BackendConfig,
         loaded = [(index, d, load_dataset(d)) for index, d in enumerate(datasets)]
         todo = [(i, d, qs) for i, d, qs in loaded if not (artifact.path / "cot_solutions" / part_name(i)).exists()]
         progress = Progress(sum(len(qs) for _, _, qs in todo), "teacher CoT (FTP prefixes)")
-        done = 0
-        for part, dataset, questions in todo:
-            rows = solve_with_cot(questions, dataset.kind, generator_for(teacher), cfg,
-                                  on_progress=lambda n, base=done: progress.update(base + n))
-            table = pa.Table.from_pylist([{**r, "artifact_id": plan.ref.id} for r in rows], schema=COT_SOLUTIONS)
-            artifact.write_table("cot_solutions", table, COT_SOLUTIONS, part=part)
-            done += len(rows)
+        if todo:
+            with generator_for(teacher) as generator:
+                write_solutions(artifact, todo, generator, cfg, progress)
         progress.close()
         table = read_table(artifact.path, "cot_solutions")
         correct = sum(table.column("correct").to_pylist())
@@ -44,3 +40,14 @@ def build_prefixes(plan: StagePlan, cfg: PrefixConfig, teacher: BackendConfig,
     publish_artifact(store, plan.ref, "select dataset, avg(correct::int), count(*) from cot_solutions "
                                       "where artifact_id = '{id}' group by all")
     return plan.ref
+
+
+def write_solutions(artifact, todo: list, generator, cfg: PrefixConfig, progress: Progress) -> None:
+    """Solve each (part, dataset, questions) of ``todo`` with CoT and write its ``cot_solutions`` part."""
+    done = 0
+    for part, dataset, questions in todo:
+        rows = solve_with_cot(questions, dataset.kind, generator, cfg,
+                              on_progress=lambda n, base=done: progress.update(base + n))
+        table = pa.Table.from_pylist([{**r, "artifact_id": artifact.ref.id} for r in rows], schema=COT_SOLUTIONS)
+        artifact.write_table("cot_solutions", table, COT_SOLUTIONS, part=part)
+        done += len(rows)

@@ -34,12 +34,11 @@ def run_rollouts(plan: StagePlan, cfg: RolloutConfig, teacher: BackendConfig, sa
         artifact = store.open(plan)
         work = pending_parts(artifact.path, cfg)
         if work:
-            generator = generator_for(teacher)
             search = search_for(index, index_cfg, search_cfg)
             first_steps = read_prefixes(prefixes) if prefixes is not None else {}
             progress = Progress(sum(len(qs) for _, _, qs in work) * cfg.samples_per_question, "teacher rollouts")
             done = 0
-            with Sandbox(sandbox_cfg, search=search) as sandbox:
+            with generator_for(teacher) as generator, Sandbox(sandbox_cfg, search=search) as sandbox:
                 for part, dataset, questions in work:
                     rows = run_questions(
                         questions, dataset.kind, generator, sandbox, cfg.agent, cfg.samples_per_question,

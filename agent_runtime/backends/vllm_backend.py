@@ -13,6 +13,7 @@ vllm is imported when the backend is built; without it a ``GenerationError`` say
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -26,9 +27,13 @@ VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts
 
 
 class VLLMGenerator:
-    """``Generator`` over an in-process ``vllm.LLM``."""
+    """``Generator`` over an in-process ``vllm.LLM``: one engine per base model, its adapters through LoRARequest.
 
-    def __init__(self, cfg: BackendConfig):
+    The engine serves ``cfg.adapter`` and ``adapters`` (PEFT folders); ``for_adapter`` gives the generator
+    of one of them (or of the base model) on the same engine, so a base and its students share its memory.
+    """
+
+    def __init__(self, cfg: BackendConfig, adapters: tuple[str, ...] = ()):
         try:
             from vllm import LLM
             from vllm.lora.request import LoRARequest
@@ -40,11 +45,15 @@ class VLLMGenerator:
         self.name = f"vllm:{cfg.model}" + (f"+{cfg.adapter}" if cfg.adapter else "")
         src = resolve_model(cfg.model)
         folder = dequantized_folder(src) if src.gguf_file else src.path
+        served = [str(Path(a).resolve()) for a in (cfg.adapter, *adapters) if a is not None]
+        served = list(dict.fromkeys(served))
+        # vLLM tells adapters apart by name and id: the folder and its 1-based position.
+        self.lora_requests = {path: LoRARequest(path, number, path) for number, path in enumerate(served, 1)}
+        self.lora_request = self.lora_requests[served[0]] if cfg.adapter is not None else None
         lora = {}
-        self.lora_request = None
-        if cfg.adapter is not None:
-            lora = {"enable_lora": True, "max_lora_rank": lora_rank_limit(Path(cfg.adapter))}
-            self.lora_request = LoRARequest("adapter", 1, str(Path(cfg.adapter).resolve()))
+        if served:
+            lora = {"enable_lora": True, "max_loras": len(served),
+                    "max_lora_rank": max(lora_rank_limit(Path(path)) for path in served)}
         self.llm = LLM(
             model=str(folder),
             dtype="bfloat16" if cfg.dtype == "auto" else cfg.dtype,
@@ -54,6 +63,13 @@ class VLLMGenerator:
             **lora,
         )
         self.tokenizer = self.llm.get_tokenizer()
+
+    def for_adapter(self, adapter: str | None) -> VLLMGenerator:
+        """The generator of ``adapter`` (None: the base model) on this engine; the engine's owner closes it."""
+        view = copy.copy(self)
+        view.lora_request = self.lora_requests[str(Path(adapter).resolve())] if adapter is not None else None
+        view.name = f"vllm:{self.cfg.model}" + (f"+{adapter}" if adapter else "")
+        return view
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Generation]:
         """One Generation of ``sampling.n`` completions per request, in order."""

@@ -433,7 +433,7 @@ def test_vllm_backend_wiring_against_a_stand_in(fake_vllm, tmp_path):
     generations = generator.generate([chat("hello"), continued], sampling)
 
     [(prompts, params, lora_request)] = fake_vllm["generate"]
-    assert lora_request.args[:2] == ("adapter", 1)
+    assert lora_request.args == (str(tmp_path.resolve()), 1, str(tmp_path.resolve()))
     assert len(prompts) == 4 and prompts[0] == prompts[1]
     tokenizer = generator.tokenizer
     assert tokenizer.decode(prompts[2]["prompt_token_ids"]).endswith("<|im_start|>assistant\nThought: I")
@@ -457,6 +457,26 @@ def test_vllm_backend_wiring_against_a_stand_in(fake_vllm, tmp_path):
         latency_s=completion.latency_s,
         stop="<end_code>",
     )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(HAS_VLLM, reason="the real vllm is installed; see test_vllm_real")
+def test_vllm_serves_a_base_and_its_adapters_from_one_engine(fake_vllm, tmp_path):
+    from agent_runtime.backends.vllm_backend import VLLMGenerator
+
+    adapters = []
+    for name, rank in (("agent", 16), ("cot", 64)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": rank}))
+        adapters.append(str(tmp_path / name))
+    engine = VLLMGenerator(BackendConfig(kind="vllm"), tuple(adapters))
+    init = fake_vllm["init"]
+    assert init["enable_lora"] is True and init["max_loras"] == 2 and init["max_lora_rank"] == 64
+    for adapter, expected in ((adapters[1], (adapters[1], 2, adapters[1])), (None, None)):
+        engine.for_adapter(adapter).generate([chat("hello")], Sampling(max_new_tokens=4))
+        lora_request = fake_vllm["generate"][-1][2]
+        assert (lora_request.args if lora_request else None) == expected
+    assert engine.lora_request is None  # the engine itself serves the base model
 
 
 @pytest.mark.vllm

@@ -7,6 +7,7 @@ by looking the question up, after one web_search step.
 """
 
 import json
+from contextlib import nullcontext
 from datetime import UTC, datetime
 
 import pytest
@@ -58,7 +59,7 @@ def tiny_setup(tmp_path, tiny_student, monkeypatch):  # noqa: F811
     import tasks.rollout
 
     for module in (tasks.rollout, tasks.prefixes, tasks.evaluate):
-        monkeypatch.setattr(module, "generator_for", lambda cfg: generator)
+        monkeypatch.setattr(module, "generator_for", lambda cfg: nullcontext(generator))
     student = {"kind": "scripted", "model": str(tiny_student)}
     datasets = [{"name": "math", "source": str(data / "math.jsonl"), "kind": "math"},
                 {"name": "facts", "source": str(data / "facts.jsonl"), "kind": "qa"}]
