@@ -18,16 +18,14 @@ from agent_runtime.generation import GenerationError, Generator, Request, Sampli
 from agent_runtime.prompts import COT_SYSTEM_PROMPT
 
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
-_ANSWER_PHRASE = re.compile(r"final answer is[:\s]*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass
 class CotResult:
-    """One CoT solution; ``answer`` is the last ``\\boxed{}`` (or "final answer is ...") value, if any."""
+    """One CoT solution (its answer is graded by ``evaluation.grading``, which extracts it)."""
 
     question_id: str
     text: str
-    answer: str | None
     prompt_tokens: int
     completion_tokens: int
     latency_s: float
@@ -59,29 +57,12 @@ def run_cot(
             CotResult(
                 question_id=question.question_id,
                 text=completion.text,
-                answer=extract_answer(completion.text),
                 prompt_tokens=completion.prompt_tokens,
                 completion_tokens=completion.completion_tokens,
                 latency_s=completion.latency_s,
             )
         )
     return results
-
-
-def extract_answer(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` (nested braces allowed), else of "final answer is ..."."""
-    start = text.rfind("\\boxed{")
-    if start >= 0:
-        depth, begin = 0, start + len("\\boxed{")
-        for i in range(begin, len(text)):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                if depth == 0:
-                    return text[begin:i].strip()
-                depth -= 1
-    matches = _ANSWER_PHRASE.findall(text)
-    return matches[-1].strip().rstrip(".") if matches else None
 
 
 def first_step(cot_text: str) -> str:

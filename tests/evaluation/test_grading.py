@@ -335,6 +335,7 @@ def test_math_verify_works_off_the_main_thread():
         ("The answer is 3.5", "3.5"),
         ("We get 3 apples, then 4.5 and finally -1,200 pears", "-1200"),
         ("no digits here", None),
+        ("so the final answer is: Paris.", "Paris"),
         ("cut off \\boxed{12", "12"),  # unbalanced box falls through to the last number
     ],
 )
