@@ -25,9 +25,8 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,7 +39,7 @@ from retrieval.corpus import CorpusConfig, CorpusStats, corpus_fingerprint, iter
 from retrieval.embed import Embedder, Precision
 from retrieval.retriever import PASSAGES_SCHEMA, PassageTable, Retriever
 from storage.errors import UserError
-from storage.store import temp_prefix
+from storage.store import atomic_file
 
 if TYPE_CHECKING:
     import faiss  # imported where used: it takes seconds to load
@@ -145,6 +144,7 @@ def import_index(faiss_path: Path, corpus: CorpusConfig, embedder: str, out_dir:
                 "passages; they must match one to one (same corpus file, no chunking, no skipped lines)"
             )
         if os.stat(faiss_path).st_dev == os.stat(out_dir).st_dev:
+            tmp[INDEX_FILE].unlink()  # the link takes the temporary name
             os.link(faiss_path, tmp[INDEX_FILE])  # a hard link: no copy of a 60 GB index
         else:
             shutil.copyfile(faiss_path, tmp[INDEX_FILE])
@@ -351,25 +351,10 @@ def _on_gpu(index: faiss.Index) -> bool:
 @contextmanager
 def _staged(out_dir: Path) -> Iterator[dict[str, Path]]:
     """Temporary paths for the three files in ``out_dir``, renamed into place (metadata last) when the block
-    succeeds; on any error, the temporaries and any file already renamed are removed."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = (PASSAGES_FILE, INDEX_FILE, META_FILE)
-    # The store's temporary naming (writer pid inside), so a build killed mid-way leaves files that the
-    # store removes when the artifact is next opened.
-    tmp = {name: out_dir / f"{temp_prefix(name)}{uuid.uuid4().hex}" for name in names}
-    done: list[Path] = []
-    try:
-        yield tmp
-        for name in names:
-            os.replace(tmp[name], out_dir / name)
-            done.append(out_dir / name)
-    except BaseException:
-        for path in done:
-            path.unlink(missing_ok=True)
-        raise
-    finally:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
+    succeeds; on any error none of them is written."""
+    with ExitStack() as files:
+        # Entered first, renamed last: the metadata says the other two are complete.
+        yield {name: files.enter_context(atomic_file(out_dir / name)) for name in (META_FILE, INDEX_FILE, PASSAGES_FILE)}
 
 
 def _index_meta(

@@ -87,17 +87,8 @@ def temp_prefix(name: str) -> str:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_json(path: Path, value) -> None:
@@ -108,32 +99,56 @@ def atomic_write_table(path: Path, table: pa.Table, schema: pa.Schema | None = N
     """Write a Parquet file atomically, cast to ``schema`` when given."""
     if schema is not None:
         table = conform(table, schema)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Build a folder under a temporary name and rename it into place when the block succeeds."""
+def atomic_file(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary name beside ``path`` for a writer that wants a file name (Parquet, GGUF, a plot);
+    the file is synced and renamed into place when the block succeeds, and removed when it fails.
+
+    ``suffix`` ends the temporary name, for writers that choose a format by it (``.png``).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: Path, replace: bool = True) -> Iterator[Path]:
+    """Build a folder under a temporary name and rename it into place when the block succeeds.
+
+    ``replace=False``: a folder that another writer put at ``path`` first is kept, and this one dropped.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if replace:
+            move_dir_into_place(tmp, path)
+        else:
+            try:
+                os.replace(tmp, path)
+            except OSError:  # another writer's folder is there: keep it
+                pass
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def move_dir_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``path``, replacing a folder there (e.g. an older copy)."""
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
 
 
 def part_name(index: int) -> str:

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from storage.store import move_dir_into_place
+
 MARKER = "COMPLETE"
 PROGRESS = "progress.json"
 WEIGHTS = "model.safetensors"  # the name accelerate's save_state uses for the first model
@@ -103,9 +105,7 @@ def save_checkpoint(accelerator, root: Path, step: int, progress: dict, keep: in
     if accelerator.is_main_process:
         _write_synced(temporary / PROGRESS, json.dumps(progress))
         _write_synced(temporary / MARKER, f"step {step}\n")
-        if final.exists():  # a resumed run re-saving the same step: replace the old copy
-            shutil.rmtree(final)
-        os.replace(temporary, final)
+        move_dir_into_place(temporary, final)  # a resumed run re-saving the same step replaces the old copy
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

@@ -32,7 +32,7 @@ from typing import TextIO
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage.errors import UserError
-
+from storage.store import atomic_write_bytes
 from training.sft import TrainConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -56,9 +56,7 @@ class LaunchError(UserError, RuntimeError):
 def write_job(job_path: Path, job: TrainJob) -> Path:
     """Write ``job`` as JSON to ``job_path`` (atomically) and return the path."""
     job_path = Path(job_path)
-    temporary = job_path.with_name(f".{job_path.name}.tmp")
-    temporary.write_text(job.model_dump_json(indent=2))
-    os.replace(temporary, job_path)
+    atomic_write_bytes(job_path, job.model_dump_json(indent=2).encode())
     return job_path
 
 

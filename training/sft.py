@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from storage.store import atomic_dir, atomic_file, atomic_write_table
 from training.checkpoints import (
     install_adapter_state_hooks,
     latest_checkpoint,
@@ -426,27 +425,21 @@ def save_adapter(run: Run, accelerator, target: Path) -> None:
     state = accelerator.get_state_dict(run.model)  # a collective under FSDP: every process calls it
     if not accelerator.is_main_process:
         return
-    temporary = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    # save_embedding_layers=False: embeddings are never trained, and "auto" would probe the hub.
-    accelerator.unwrap_model(run.model).save_pretrained(
-        temporary, state_dict=state, safe_serialization=True, save_embedding_layers=False
-    )
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(temporary, target)
+    with atomic_dir(target) as temporary:
+        # save_embedding_layers=False: embeddings are never trained, and "auto" would probe the hub.
+        accelerator.unwrap_model(run.model).save_pretrained(
+            temporary, state_dict=state, safe_serialization=True, save_embedding_layers=False
+        )
 
 
 def write_losses(rows: list[dict], parquet_path: Path, plot_path: Path) -> None:
     """The loss table (schema storage.schemas.LOSSES) and its plot, each written atomically."""
-    import pyarrow.parquet as pq
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from storage.schemas import LOSSES, rows_to_table
 
-    temporary = parquet_path.with_name(f".{parquet_path.name}.tmp")
-    pq.write_table(rows_to_table(rows, LOSSES), temporary)
-    os.replace(temporary, parquet_path)
+    atomic_write_table(parquet_path, rows_to_table(rows, LOSSES))
     figure = Figure(figsize=(6, 3.5), layout="tight")
     FigureCanvasAgg(figure)
     axes = figure.subplots()
@@ -455,9 +448,8 @@ def write_losses(rows: list[dict], parquet_path: Path, plot_path: Path) -> None:
     axes.set_ylabel("loss (mean token cross-entropy)")
     axes.set_title("student LoRA SFT")
     axes.grid(alpha=0.3)
-    temporary = plot_path.with_name(f".{plot_path.name}.tmp.png")
-    figure.savefig(temporary, dpi=100)
-    os.replace(temporary, plot_path)
+    with atomic_file(plot_path, suffix=".png") as temporary:
+        figure.savefig(temporary, dpi=100)
 
 
 def train_lora(

@@ -19,12 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from storage.model_files import model_cache
+from storage.store import atomic_file
 
 PEFT_PREFIX = "base_model.model."
 
@@ -104,22 +104,17 @@ def convert(adapter_dir: Path, base_gguf: Path, out_path: Path) -> Path:
     if not tensors:
         raise AdapterError(f"{weights_file} holds no LoRA tensors")
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_name(f"{out_path.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(partial, base["arch"])
-    writer.add_string("general.type", "adapter")
-    writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", alpha)
-    for name, value in tensors.items():
-        writer.add_tensor(name, value)
-    try:
+    with atomic_file(out_path) as partial:
+        writer = gguf.GGUFWriter(partial, base["arch"])
+        writer.add_string("general.type", "adapter")
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", alpha)
+        for name, value in tensors.items():
+            writer.add_tensor(name, value)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(partial, out_path)
-    finally:
-        partial.unlink(missing_ok=True)
     return out_path
 
 

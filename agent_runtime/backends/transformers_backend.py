@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from agent_runtime.generation import (
     sample_seed,
 )
 from storage.models import ModelSource, cpu_has_native_bf16, resolve_model
+from storage.store import atomic_dir
 
 # Prompt tokens decoded together with the continuation, so tokenizers that drop a leading space on the
 # first decoded token (SentencePiece) still return "Thought: I| am" as " am".
@@ -403,14 +403,9 @@ def dequantized_folder(src: ModelSource) -> Path:
     model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
     # The weights are plain float32 after loading; only the GGUF quantizer marker blocks save_pretrained.
     model.hf_quantizer.remove_quantization_config(model)
-    temp = folder.parent / f"{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    model.save_pretrained(temp)
-    tokenizer.save_pretrained(temp)
-    try:
-        os.replace(temp, folder)
-    except OSError:  # another process finished first: keep its copy
-        shutil.rmtree(temp, ignore_errors=True)
+    with atomic_dir(folder, replace=False) as temp:  # another process that finished first keeps its copy
+        model.save_pretrained(temp)
+        tokenizer.save_pretrained(temp)
     return folder
 
 

@@ -146,3 +146,31 @@ def test_every_view_exists_with_its_columns_on_an_empty_home(home):
         assert con.execute(f"select count(*) from {view}").fetchone() == (0,)
     columns = [d[0] for d in con.execute("select * from episodes").description]
     assert columns[:3] == ["dataset", "question_id", "sample_index"] and "artifact_id" in columns
+
+
+def test_atomic_file_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
+    from storage.store import atomic_file
+
+    target = tmp_path / "out" / "plot.png"
+    with atomic_file(target, suffix=".png") as temporary:
+        assert temporary.suffix == ".png" and temporary.parent == target.parent
+        temporary.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    with pytest.raises(RuntimeError), atomic_file(target) as temporary:
+        temporary.write_bytes(b"half")
+        raise RuntimeError("writer died")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in target.parent.iterdir()) == ["plot.png"]
+
+
+def test_atomic_dir_replaces_a_folder_or_keeps_one_another_writer_finished_first(tmp_path):
+    from storage.store import atomic_dir
+
+    target = tmp_path / "model"
+    with atomic_dir(target) as folder:
+        (folder / "a").write_text("first")
+    with atomic_dir(target) as folder:
+        (folder / "b").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    with atomic_dir(target, replace=False) as folder:
+        (folder / "c").write_text("late")
+    assert sorted(p.name for p in target.iterdir()) == ["b"] and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
