@@ -74,7 +74,7 @@ def bench_build(docs: int, batch_size: int) -> dict:
     texts = [join_contents(r["title"], r["text"]) for r in rows]
     model = SentenceTransformer(str(resolve_embedder(cfg.embedder).path), device="cpu", local_files_only=True)
     # The bare baseline runs in the precision the build used (bf16 autocast on CPUs with native bf16).
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(meta["precision"])
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(meta["precision"])
     with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
         model.encode(texts[:batch_size], batch_size=batch_size)  # warm-up, as the build's first batch is cold too
         raw_cpu, started = time.process_time(), time.perf_counter()

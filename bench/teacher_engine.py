@@ -43,7 +43,7 @@ def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
 
 
 def cpu_description() -> dict:
-    from storage.models import cpu_has_native_bf16
+    from devices.precision import cpu_has_native_bf16
 
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from agent_runtime.engine import AgentConfig
-    from storage.models import cpu_has_native_bf16
+    from devices.precision import cpu_has_native_bf16
 
     cfg = AgentConfig(prompt="teacher", max_steps=args.max_steps, max_new_tokens=args.max_new_tokens)
     tasks = arithmetic_tasks(args.questions)

@@ -77,7 +77,7 @@ def bare_loop(cfg, examples: list[list[dict]]) -> StepClock:
     precision train_lora picks (bf16 autocast on CPUs with native bf16)."""
     import torch
 
-    from storage.models import cpu_has_native_bf16
+    from devices.precision import cpu_has_native_bf16
     from training.sft import (
         collate,
         label_tokens,

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Literal
 
 import numpy as np
 
-from storage.models import cpu_has_native_bf16, resolve_embedder
+from devices.precision import Dtype, resolve_dtype
+from storage.models import resolve_embedder
 
 E5_PREFIXES = ("query: ", "passage: ")
 _PASSAGE_PROMPT_NAMES = ("document", "passage", "corpus")
@@ -43,17 +43,9 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-_AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
-
-
-def resolve_precision(precision: Precision, device: str) -> str:
-    """``auto`` → fp16 on CUDA, bf16 on a CPU with native bfloat16 matmuls, else fp32."""
-    if precision != "auto":
-        return precision
-    if device.startswith("cuda"):
-        return "fp16"
-    return "bf16" if device == "cpu" and cpu_has_native_bf16() else "fp32"
+def resolve_precision(precision: Dtype, device: str) -> str:
+    """The autocast dtype of the embedder: ``devices.precision``'s policy, with float16 on a GPU."""
+    return resolve_dtype(precision, device, gpu="float16")
 
 
 def prefixes_for(spec: str, prompts: dict[str, str | None]) -> tuple[str, str]:
@@ -70,7 +62,7 @@ def prefixes_for(spec: str, prompts: dict[str, str | None]) -> tuple[str, str]:
 class Embedder:
     """A loaded sentence-transformers model with fixed prefixes; vectors are unit-norm float32."""
 
-    def __init__(self, spec: str, device: str = "auto", batch_size: int = 32, precision: Precision = "auto"):
+    def __init__(self, spec: str, device: str = "auto", batch_size: int = 32, precision: Dtype = "auto"):
         from sentence_transformers import SentenceTransformer  # heavy: import when a model is needed
 
         source = resolve_embedder(spec)  # raises ModelNotAvailable with a clear message
@@ -114,14 +106,14 @@ class Embedder:
                 convert_to_numpy=True,
             )
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if self.precision != "fp32":  # re-normalise in float32 what was normalised in half precision
+        if self.precision != "float32":  # re-normalise in float32 what was normalised in half precision
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return vectors
 
     def _autocast(self):
-        if self.precision == "fp32":
+        if self.precision == "float32":
             return contextlib.nullcontext()
         import torch
 
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
-        return torch.autocast(device_type, dtype=getattr(torch, _AUTOCAST[self.precision]))
+        return torch.autocast(device_type, dtype=getattr(torch, self.precision))

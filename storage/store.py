@@ -30,14 +30,14 @@ from storage.schemas import conform
 
 MANIFEST = "manifest.json"
 TMP_MARK = ".tmp-"
-PACKAGES = ("agent_runtime", "retrieval", "storage", "training", "evaluation", "tasks", "flows")
+PACKAGES = ("agent_runtime", "devices", "retrieval", "storage", "training", "evaluation", "tasks", "flows")
 # The code each stage's output depends on: editing evaluation code must not rebuild the index.
 STAGE_CODE = {
-    "index": ("retrieval", "storage"),
-    "prefixes": ("agent_runtime", "evaluation", "storage"),
-    "trajectories": ("agent_runtime", "evaluation", "retrieval", "storage"),
+    "index": ("devices", "retrieval", "storage"),
+    "prefixes": ("agent_runtime", "devices", "evaluation", "storage"),
+    "trajectories": ("agent_runtime", "devices", "evaluation", "retrieval", "storage"),
     "sft_data": ("agent_runtime", "training", "storage"),
-    "adapters": ("training", "storage"),
+    "adapters": ("devices", "training", "storage"),
 }
 
 

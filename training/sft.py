@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from devices.precision import resolve_dtype
 from storage.store import atomic_dir, atomic_file, atomic_write_table
 from training.checkpoints import (
     install_adapter_state_hooks,
@@ -238,10 +239,8 @@ def make_accelerator(cfg: TrainConfig):
     torch.distributed group over gloo instead of each training alone."""
     from accelerate import Accelerator
 
-    from storage.models import cpu_has_native_bf16
-
     on_gpu = torch.cuda.is_available()
-    precision = "bf16" if on_gpu or cpu_has_native_bf16() else "no"
+    precision = "bf16" if resolve_dtype("auto", "cuda" if on_gpu else "cpu") == "bfloat16" else "no"
     return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision, cpu=not on_gpu)
 
 

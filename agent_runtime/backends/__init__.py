@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent_runtime.generation import Generator
+from devices.precision import Dtype
 
 
 class BackendConfig(BaseModel):
@@ -47,7 +48,7 @@ class BackendConfig(BaseModel):
     device: str = Field(
         "auto", description="transformers: 'auto' (cuda if available, else cpu), 'cpu', 'cuda:0', ..."
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Dtype = Field(
         "auto", description="transformers/vllm weights dtype; auto = bfloat16 on GPU and on CPUs with native bf16, "
                             "else float32"
     )

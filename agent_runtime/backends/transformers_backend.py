@@ -48,7 +48,8 @@ from agent_runtime.generation import (
     cut_at_stop,
     sample_seed,
 )
-from storage.models import ModelSource, cpu_has_native_bf16, resolve_model
+from devices.precision import resolve_dtype as dtype_name
+from storage.models import ModelSource, resolve_model
 from storage.store import atomic_dir
 
 # Prompt tokens decoded together with the continuation, so tokenizers that drop a leading space on the
@@ -360,11 +361,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' → bfloat16 on GPU and on a CPU with native bf16 matmuls (2.5-3x faster decoding than float32
-    on the development machine), else float32 (bf16 is emulated, and slow, on other CPUs)."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type != "cpu" or cpu_has_native_bf16() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    """The torch dtype of ``dtype`` on ``device`` (see ``devices.precision``)."""
+    return getattr(torch, dtype_name(dtype, device.type))
 
 
 def load_model(

@@ -21,6 +21,7 @@ from pathlib import Path
 from agent_runtime.backends import BackendConfig
 from agent_runtime.backends.transformers_backend import dequantized_folder, prompt_ids, repeat_completion
 from agent_runtime.generation import Completion, Generation, GenerationError, Request, Sampling, sample_seed
+from devices.precision import resolve_dtype
 from storage.models import resolve_model
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank
@@ -56,7 +57,7 @@ class VLLMGenerator:
                     "max_lora_rank": max(lora_rank_limit(Path(path)) for path in served)}
         self.llm = LLM(
             model=str(folder),
-            dtype="bfloat16" if cfg.dtype == "auto" else cfg.dtype,
+            dtype=resolve_dtype(cfg.dtype, "cuda"),
             tensor_parallel_size=cfg.tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             max_model_len=cfg.max_model_len,

@@ -205,7 +205,7 @@ def smol_fp32():
 
 @pytest.mark.slow
 def test_auto_dtype_is_bf16_where_the_cpu_has_it(smol, smol_fp32):
-    from storage.models import cpu_has_native_bf16
+    from devices.precision import cpu_has_native_bf16
 
     assert smol.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert smol_fp32.dtype == torch.float32

@@ -265,13 +265,13 @@ def test_precision_auto_follows_the_hardware_and_half_precision_keeps_the_vector
     from retrieval.embed import resolve_precision
 
     native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert resolve_precision("auto", "cpu") == ("bf16" if native_bf16 else "fp32")
-    assert resolve_precision("auto", "cuda:1") == "fp16"
-    assert resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("auto", "cpu") == ("bfloat16" if native_bf16 else "float32")
+    assert resolve_precision("auto", "cuda:1") == "float16"
+    assert resolve_precision("float32", "cpu") == "float32"
     texts = [join_contents(title, ARTICLES[title]) for title in TITLES]
-    full = Embedder("minilm-l6-v2", device="cpu", precision="fp32")
-    half = Embedder("minilm-l6-v2", device="cpu", precision="bf16")
-    assert (full.meta()["precision"], half.meta()["precision"]) == ("fp32", "bf16")
+    full = Embedder("minilm-l6-v2", device="cpu", precision="float32")
+    half = Embedder("minilm-l6-v2", device="cpu", precision="bfloat16")
+    assert (full.meta()["precision"], half.meta()["precision"]) == ("float32", "bfloat16")
     a, b = full.encode_passages(texts), half.encode_passages(texts)
     assert b.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)

@@ -1,0 +1,1 @@
+"""Hardware: the one device and precision policy of the models (``devices.precision``)."""
