@@ -38,8 +38,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from devices.precision import Dtype
 from retrieval.corpus import CorpusConfig, CorpusStats, corpus_fingerprint, iter_passages, join_contents
 from retrieval.embed import Embedder
-from retrieval.retriever import PASSAGES_SCHEMA, PassageTable, Retriever
+from retrieval.retriever import PassageTable, Retriever
 from storage.errors import UserError
+from storage.schemas import PASSAGES
 from storage.store import atomic_file
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ def build_index(cfg: IndexConfig, out_dir: Path, progress: bool = True) -> dict:
     index = new_faiss_index(cfg.index_type, embedder.dim)
     stats = CorpusStats()
     with _staged(Path(out_dir)) as tmp:
-        with pq.ParquetWriter(tmp[PASSAGES_FILE], PASSAGES_SCHEMA, compression="zstd") as writer:
+        with pq.ParquetWriter(tmp[PASSAGES_FILE], PASSAGES, compression="zstd") as writer:
             index = _embed_into(cfg, embedder, index, iter_passages(cfg.corpus, stats), writer, progress)
         faiss_write(index, tmp[INDEX_FILE])
         meta = _index_meta(embedder, cfg.index_type, index, fingerprint, cfg.corpus, stats, started)
@@ -136,9 +137,9 @@ def import_index(faiss_path: Path, corpus: CorpusConfig, embedder: str, out_dir:
         )
     stats = CorpusStats()
     with _staged(Path(out_dir)) as tmp:
-        with pq.ParquetWriter(tmp[PASSAGES_FILE], PASSAGES_SCHEMA, compression="zstd") as writer:
+        with pq.ParquetWriter(tmp[PASSAGES_FILE], PASSAGES, compression="zstd") as writer:
             for rows in _batched(iter_passages(corpus, stats), ROW_GROUP_ROWS):
-                writer.write_table(pa.Table.from_pylist(rows, PASSAGES_SCHEMA))
+                writer.write_table(pa.Table.from_pylist(rows, PASSAGES))
         if stats.passages != index.ntotal:
             raise IndexArtifactError(
                 f"{faiss_path} holds {index.ntotal} vectors but the corpus {corpus.source} gives {stats.passages} "
@@ -301,7 +302,7 @@ def _embed_into(
     with tqdm(desc=f"embedding ({embedder.spec})", unit="passage", disable=not progress) as bar:
         for rows in _batched(passages, cfg.encode_chunk):
             vectors = embedder.encode_passages([join_contents(r["title"], r["text"]) for r in rows])
-            writer.write_table(pa.Table.from_pylist(rows, PASSAGES_SCHEMA), row_group_size=ROW_GROUP_ROWS)
+            writer.write_table(pa.Table.from_pylist(rows, PASSAGES), row_group_size=ROW_GROUP_ROWS)
             if index.is_trained:
                 index.add(vectors)
             else:

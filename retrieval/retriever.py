@@ -30,14 +30,14 @@ import pyarrow.parquet as pq
 
 from retrieval.corpus import join_contents, split_contents
 from storage.errors import ServiceUnavailable
+from storage.schemas import PASSAGES
 
 if TYPE_CHECKING:
     import faiss
 
     from retrieval.embed import Embedder
 
-PASSAGE_COLUMNS = ("id", "title", "text")
-PASSAGES_SCHEMA = pa.schema([(name, pa.string()) for name in PASSAGE_COLUMNS])
+PASSAGE_COLUMNS = tuple(PASSAGES.names)  # the columns a passages file must have (storage.schemas.PASSAGES)
 
 
 @dataclass(frozen=True)
