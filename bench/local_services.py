@@ -199,8 +199,9 @@ def prefect_workers(pool: str, count: int, api_url: str, logs: Path, limit: int 
                     env: Mapping[str, str] | None = None) -> Iterator[list[Path]]:
     """``count`` process workers polling ``pool`` at ``api_url``, each running at most ``limit`` flow
     runs at a time; yields their log files (a worker logs the id of every run it submits)."""
-    # A wide console: without a terminal, rich wraps log lines at 80 columns.
-    env = project_env(PREFECT_API_URL=api_url, COLUMNS="500", **(env or {}))
+    # A wide console: without a terminal, rich wraps log lines at 80 columns. INFO whatever the caller's
+    # level (CI runs at WARNING): the run each worker began is an INFO line.
+    env = project_env(PREFECT_API_URL=api_url, COLUMNS="500", PREFECT_LOGGING_LEVEL="INFO", **(env or {}))
     names = [f"{pool}-worker-{index}" for index in range(count)]
     processes = [start([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
                         "--limit", str(limit), "--name", name], logs / f"{name}.log", env) for name in names]
