@@ -10,13 +10,20 @@ process. A PEFT LoRA adapter (``cfg.adapter``) is converted to a GGUF LoRA adapt
 An assistant prefix (FTP) is continued through the chat API: llama.cpp's server prefills a trailing
 assistant message and returns it with its continuation; the prefix is cut off here.
 
+A batch whose requests share a system message (the agent's long prompt) gets it processed once: slot 0
+processes the system message alone, the server saves that slot's KV cache to a file and restores it into
+every other slot, so each slot starts the batch with the prefix cached (``share_prefix``; once per
+system message and server). Without it every slot would process the prompt itself.
+
 If the server dies (killed, out of memory), the next call raises one ``GenerationError`` that names
 the backend, the model, the exit status and the server's last log lines.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,6 +31,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import httpx
 
 from agent_runtime.backends import BackendConfig
 from agent_runtime.backends.openai_backend import OpenAIGenerator
@@ -69,11 +78,13 @@ class LlamaCppGenerator:
             lora = gguf_adapter_for(Path(cfg.adapter), model)
         self.name = f"llamacpp:{cfg.model}" + (f"+{Path(cfg.adapter).name}" if cfg.adapter else "")
         self._log = tempfile.NamedTemporaryFile(prefix="llamacpp-", suffix=".log", delete=False)
+        self._slot_dir = tempfile.mkdtemp(prefix="llamacpp-slots-")
+        self._shared: set[str] = set()  # system messages already in every slot
         port = free_port()
         cmd = [sys.executable, "-m", "agent_runtime.backends.llamacpp_server", "--model", str(model),
                "--alias", cfg.model, "--port", str(port), "--slots", str(cfg.slots),
                "--ctx-per-slot", str(cfg.ctx_per_slot), "--threads", str(cfg.threads or cpu_threads()),
-               "--cache-ram-mib", str(cfg.cache_ram_mib), "--quiet"]
+               "--cache-ram-mib", str(cfg.cache_ram_mib), "--slot-save-path", self._slot_dir, "--quiet"]
         if lora is not None:
             cmd += ["--lora", str(lora)]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
@@ -84,10 +95,33 @@ class LlamaCppGenerator:
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Generation]:
         self._check_alive()
         try:
+            self.share_prefix(requests)
             return self._client.generate(requests, sampling)
         except GenerationError as exc:
             self._check_alive(exc)
             raise
+
+    def share_prefix(self, requests: list[Request]) -> bool:
+        """Put the batch's common system message into every slot's cache (see the module docstring);
+        True when it did so now. Nothing to do for one slot, one request, or no common system message."""
+        first = requests[0].messages[0] if requests and requests[0].messages else None
+        if (self.cfg.slots < 2 or len(requests) < 2 or first is None or first["role"] != "system"
+                or any(not r.messages or r.messages[0] != first for r in requests)):
+            return False
+        key = hashlib.sha256(first["content"].encode()).hexdigest()[:16]
+        if key in self._shared:
+            return False
+        self._client._post("/chat/completions", {"model": self.cfg.model, "messages": [first], "max_tokens": 1,
+                                                 "temperature": 0.0, "id_slot": 0, "cache_prompt": True})
+        server = self._client._client
+        try:
+            saved = server.post(f"{self.base_url}/slots/0?action=save", json={"filename": f"{key}.bin"})
+            for slot in range(1, self.cfg.slots) if saved.status_code == 200 else ():
+                server.post(f"{self.base_url}/slots/{slot}?action=restore", json={"filename": f"{key}.bin"})
+        except httpx.TransportError as exc:
+            raise GenerationError(f"{self.name}: the server did not answer a slot save/restore ({exc})") from exc
+        self._shared.add(key)  # also when the server refused: the batch then runs as before
+        return saved.status_code == 200
 
     def close(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 10 s) and close the client."""
@@ -103,6 +137,7 @@ class LlamaCppGenerator:
                 self._proc.wait()
         self._log.close()
         Path(self._log.name).unlink(missing_ok=True)
+        shutil.rmtree(self._slot_dir, ignore_errors=True)
 
     def _wait_ready(self) -> str:
         """Read the server's READY line; a GenerationError with its log if it exits or times out first."""

@@ -163,6 +163,30 @@ def test_the_openai_backend_recognises_a_llamacpp_server(llama):
         client.close()
 
 
+def processed_prompt_tokens(generator) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{generator.base_url}/metrics").read().decode()
+    return next(float(line.split()[1]) for line in text.splitlines()
+                if line.startswith("llamacpp:prompt_tokens_total "))
+
+
+@pytest.mark.slow
+def test_a_shared_system_message_is_processed_once_for_all_slots(llama):
+    system = {"role": "system", "content": "You answer questions about rivers. " + " ".join(
+        f"Fact {i}: river number {i} flows into sea number {i % 7}." for i in range(40))}
+    requests = [Request([system, {"role": "user", "content": f"Where does river {i} flow?"}]) for i in (3, 11)]
+    before = processed_prompt_tokens(llama)
+    generations = llama.generate(requests, Sampling(max_new_tokens=4))
+    processed = processed_prompt_tokens(llama) - before
+    full = generations[0].completions[0].prompt_tokens
+    assert full > 300
+    # Without sharing each of the 2 slots processes the whole prompt (~2 x full); shared, the system
+    # message is processed once (slot 0), then only each question.
+    assert processed < 1.3 * full, (processed, full)
+    assert llama.share_prefix(requests) is False  # already in every slot
+
+
 @pytest.mark.slow
 def test_a_killed_server_is_one_error_naming_the_backend():
     generator = make_generator(BackendConfig(kind="llamacpp", model=MODEL, slots=1, ctx_per_slot=512,
