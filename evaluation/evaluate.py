@@ -107,7 +107,7 @@ def evaluate_questions(questions: list[Question], kind: str, method: MethodConfi
     """``predictions`` rows for one shard (questions of one dataset) under one method."""
     if method.mode == "cot":
         search = sandbox.search if method.rag else None
-        return cot_rows(questions, kind, generator, cfg, labels, search)
+        return cot_rows(questions, kind, generator, cfg, labels, search, on_progress)
     rows = run_questions(questions, kind, generator, sandbox, agent_config_for(method, cfg), labels=labels,
                          on_progress=on_progress)
     steps_by_episode: dict[str, list[dict]] = {}
@@ -137,11 +137,20 @@ def with_passages(question: str, search: Callable[[str], str]) -> str:
     return f"Passages that may help:\n{search(question)}\n\nQuestion: {question}"
 
 
+COT_BATCH = 16  # questions per backend call; progress is reported after each
+
+
 def cot_rows(questions: list[Question], kind: str, generator, cfg: EvalConfig, labels: dict,
-             search: Callable[[str], str] | None = None) -> list[dict]:
-    """CoT predictions; with ``search``, each prompt carries the question's retrieved passages (RAG)."""
+             search: Callable[[str], str] | None = None,
+             on_progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """CoT predictions; with ``search``, each prompt carries the question's retrieved passages (RAG).
+    ``on_progress(finished, total)`` is called after every batch of ``COT_BATCH`` questions."""
     tasks = [AgentTask(q.id, with_passages(q.question, search) if search else q.question) for q in questions]
-    results = run_cot(tasks, generator, cfg.cot_max_new_tokens)
+    results = []
+    for start in range(0, len(tasks), COT_BATCH):
+        results += run_cot(tasks[start:start + COT_BATCH], generator, cfg.cot_max_new_tokens)
+        if on_progress is not None:
+            on_progress(len(results), len(tasks))
     rows = []
     for question, result in zip(questions, results):
         answer = extract_answer(result.text)

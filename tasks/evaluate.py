@@ -32,6 +32,7 @@ from storage.errors import UserError
 from storage.schemas import METRICS, PREDICTIONS
 from storage.store import ArtifactError, ArtifactRef, ArtifactStore, StagePlan, atomic_write_table, part_name
 from tasks.caching import artifact_key
+from tasks.progress import Progress
 from tasks.publish import in_prefect_run, publish_artifact
 from tasks.resources import SearchConfig, generator_for, search_for
 from tasks.retries import is_transient
@@ -77,8 +78,12 @@ def run_shard(job: ShardJob) -> int:
     rows: list[dict] = []
     if questions:
         search = search_for(job.index, job.index_cfg, job.search)
+        progress = Progress(len(questions), f"{method.name} on {dataset.name}"
+                            + (f" (shard {job.shard + 1}/{job.cfg.num_shards})" if job.cfg.num_shards > 1 else ""))
         with generator_for(job.backend) as generator, Sandbox(job.sandbox, search=search) as sandbox:
-            rows = evaluate_questions(questions, dataset.kind, method, job.cfg, generator, sandbox, labels)
+            rows = evaluate_questions(questions, dataset.kind, method, job.cfg, generator, sandbox, labels,
+                                      on_progress=lambda finished, _total: progress.update(finished))
+        progress.close()
     # An empty shard still writes its (empty) file: it is done, and resume must not revisit it.
     atomic_write_table(job.path, pa.Table.from_pylist(rows, schema=PREDICTIONS), PREDICTIONS)
     return len(rows)

@@ -36,3 +36,14 @@ def test_without_search_the_prompt_is_the_question():
 def test_rag_is_only_for_cot():
     with pytest.raises(ValidationError, match="rag is for mode 'cot'"):
         MethodConfig(name="agent+rag", mode="agent", rag=True)
+
+
+def test_cot_reports_progress_after_every_batch_and_keeps_the_order():
+    questions = [Question(id=f"q{i}", dataset="arith", question=f"{i}+0?", answer=str(i), metadata={})
+                 for i in range(20)]
+    generator = ScriptedGenerator([f"The final answer is \\boxed{{{i}}}." for i in range(20)])
+    progress = []
+    rows = cot_rows(questions, "math", generator, EvalConfig(), {}, on_progress=lambda d, t: progress.append((d, t)))
+    assert progress == [(16, 20), (20, 20)]
+    assert [len(requests) for requests, _ in generator.calls] == [16, 4]
+    assert [row["question_id"] for row in rows] == [f"q{i}" for i in range(20)] and all(r["correct"] for r in rows)
