@@ -2,7 +2,7 @@
 
 FTP (Kang et al. 2025): the teacher first solves the question in plain CoT; the first step of that
 solution is forced as the beginning of the agent's first thought, which steers the agent toward a
-sound plan. ``run_cot`` produces the solutions in one batched call, ``first_step`` cuts the step:
+sound plan. ``run_cot`` produces the solutions in batched calls, ``first_step`` cuts the step:
 
     results = run_cot(tasks, generator)
     tasks = [replace(t, prefix=first_step(r.text) or None) for t, r in zip(tasks, results)]
@@ -11,6 +11,7 @@ sound plan. ``run_cot`` produces the solutions in one batched call, ``first_step
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent_runtime.engine import AgentTask, stable_seed
@@ -37,8 +38,24 @@ def run_cot(
     max_new_tokens: int = 512,
     temperature: float = 0.0,
     seed: int = 0,
+    batch_size: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[CotResult]:
-    """Solve every question with CoT in one batched backend call; one result per question, in order."""
+    """Solve every question with CoT; one result per question, in order. The questions go to the backend
+    ``batch_size`` at a time (all at once when None), and ``on_progress(finished, total)`` is called after
+    each call."""
+    size = batch_size or max(len(questions), 1)
+    results = []
+    for start in range(0, len(questions), size):
+        results += _run_cot_batch(questions[start:start + size], generator, max_new_tokens, temperature, seed)
+        if on_progress is not None:
+            on_progress(len(results), len(questions))
+    return results
+
+
+def _run_cot_batch(questions: list[AgentTask], generator: Generator, max_new_tokens: int, temperature: float,
+                   seed: int) -> list[CotResult]:
+    """One batched backend call for ``questions``."""
     requests = [
         Request(
             messages=[{"role": "system", "content": COT_SYSTEM_PROMPT}, {"role": "user", "content": q.question}],

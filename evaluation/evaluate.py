@@ -146,11 +146,7 @@ def cot_rows(questions: list[Question], kind: str, generator, cfg: EvalConfig, l
     """CoT predictions; with ``search``, each prompt carries the question's retrieved passages (RAG).
     ``on_progress(finished, total)`` is called after every batch of ``COT_BATCH`` questions."""
     tasks = [AgentTask(q.id, with_passages(q.question, search) if search else q.question) for q in questions]
-    results = []
-    for start in range(0, len(tasks), COT_BATCH):
-        results += run_cot(tasks[start:start + COT_BATCH], generator, cfg.cot_max_new_tokens)
-        if on_progress is not None:
-            on_progress(len(results), len(tasks))
+    results = run_cot(tasks, generator, cfg.cot_max_new_tokens, batch_size=COT_BATCH, on_progress=on_progress)
     rows = []
     for question, result in zip(questions, results):
         answer = extract_answer(result.text)

@@ -34,20 +34,17 @@ class PrefixConfig(BaseModel):
 def solve_with_cot(questions: list[Question], kind: str, generator, cfg: PrefixConfig,
                    on_progress: Callable[[int], None] | None = None) -> list[dict]:
     """One ``cot_solutions`` row per question: the solution, its graded answer and its first step."""
+    tasks = [AgentTask(q.id, q.question) for q in questions]
+    results = run_cot(tasks, generator, cfg.max_new_tokens, cfg.temperature, cfg.seed, batch_size=cfg.batch_size,
+                      on_progress=None if on_progress is None else lambda finished, _total: on_progress(finished))
     rows = []
-    for start in range(0, len(questions), cfg.batch_size):
-        batch = questions[start:start + cfg.batch_size]
-        tasks = [AgentTask(q.id, q.question) for q in batch]
-        results = run_cot(tasks, generator, cfg.max_new_tokens, cfg.temperature, cfg.seed)
-        for question, result in zip(batch, results):
-            answer = extract_answer(result.text)
-            verdict = grade(answer, question.gold, kind)
-            rows.append({
-                "dataset": question.dataset, "question_id": question.id, "question": question.question,
-                "gold": question.answer, "text": result.text, "answer": answer, "correct": verdict.correct,
-                "prefix": first_step(result.text), "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens, "latency_s": result.latency_s,
-            })
-        if on_progress is not None:
-            on_progress(len(rows))
+    for question, result in zip(questions, results):
+        answer = extract_answer(result.text)
+        verdict = grade(answer, question.gold, kind)
+        rows.append({
+            "dataset": question.dataset, "question_id": question.id, "question": question.question,
+            "gold": question.answer, "text": result.text, "answer": answer, "correct": verdict.correct,
+            "prefix": first_step(result.text), "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens, "latency_s": result.latency_s,
+        })
     return rows
