@@ -71,7 +71,7 @@ def run_engine(engine: str, model: str, tasks, cfg) -> dict:
             start = time.perf_counter()
             episodes = run_agent(tasks, generator, sandbox, cfg)
             seconds = time.perf_counter() - start
-        prompt_processed = _llamacpp_prompt_tokens(generator) if kind == "llamacpp" else None
+        prompt_processed = generator.prompt_tokens_processed() if kind == "llamacpp" else None
     finally:
         generator.close()
     tokens = generated_tokens(episodes)
@@ -81,20 +81,6 @@ def run_engine(engine: str, model: str, tasks, cfg) -> dict:
             "prompt_tokens_processed": prompt_processed,
             "answered": sum(e.prediction is not None for e in episodes),
             "correct_predictions": [e.prediction for e in episodes]}
-
-
-def _llamacpp_prompt_tokens(generator) -> int | None:
-    """Prompt tokens llama.cpp actually evaluated (cache misses), from its Prometheus counter."""
-    import httpx
-
-    try:
-        text = httpx.get(f"{generator.base_url}/metrics", timeout=10).text
-    except httpx.HTTPError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("llamacpp:prompt_tokens_total"):
-            return int(float(line.split()[-1]))
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:

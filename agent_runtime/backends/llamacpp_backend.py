@@ -123,6 +123,16 @@ class LlamaCppGenerator:
         self._shared.add(key)  # also when the server refused: the batch then runs as before
         return saved.status_code == 200
 
+    def prompt_tokens_processed(self) -> int | None:
+        """Prompt tokens the server evaluated so far (cache misses), from its Prometheus counter; None
+        when the server does not answer."""
+        try:
+            text = self._client._client.get(f"{self.base_url}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            return None
+        return next((int(float(line.split()[-1])) for line in text.splitlines()
+                     if line.startswith("llamacpp:prompt_tokens_total ")), None)
+
     def close(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 10 s) and close the client."""
         client = getattr(self, "_client", None)

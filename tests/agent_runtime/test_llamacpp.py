@@ -163,22 +163,14 @@ def test_the_openai_backend_recognises_a_llamacpp_server(llama):
         client.close()
 
 
-def processed_prompt_tokens(generator) -> float:
-    import urllib.request
-
-    text = urllib.request.urlopen(f"{generator.base_url}/metrics").read().decode()
-    return next(float(line.split()[1]) for line in text.splitlines()
-                if line.startswith("llamacpp:prompt_tokens_total "))
-
-
 @pytest.mark.slow
 def test_a_shared_system_message_is_processed_once_for_all_slots(llama):
     system = {"role": "system", "content": "You answer questions about rivers. " + " ".join(
         f"Fact {i}: river number {i} flows into sea number {i % 7}." for i in range(40))}
     requests = [Request([system, {"role": "user", "content": f"Where does river {i} flow?"}]) for i in (3, 11)]
-    before = processed_prompt_tokens(llama)
+    before = llama.prompt_tokens_processed()
     generations = llama.generate(requests, Sampling(max_new_tokens=4))
-    processed = processed_prompt_tokens(llama) - before
+    processed = llama.prompt_tokens_processed() - before
     full = generations[0].completions[0].prompt_tokens
     assert full > 300
     # Without sharing each of the 2 slots processes the whole prompt (~2 x full); shared, the system
