@@ -3,7 +3,8 @@
 A population of episodes advances together: at each step every unfinished episode gets its next action
 from ONE batched backend call (N samples each with SAG), all the actions run in ONE parallel sandbox
 batch, and each episode keeps one action (the vote's winner with SAG, else its only action). An episode
-ends when its code calls ``final_answer``; after ``max_steps`` the survivors get a finalising user turn
+ends when its code calls ``final_answer`` (or, with ``boxed_answer``, when an action has no code but gives a
+``\\boxed{}`` answer in prose); after ``max_steps`` the survivors get a finalising user turn
 and one more action, and those that still do not answer end with ``error="max_steps"``.
 
     episodes = run_agent(tasks, generator, sandbox, AgentConfig(sag=SagConfig(enabled=True, n=4)))
@@ -73,6 +74,10 @@ class AgentConfig(BaseModel):
     max_new_tokens: int = Field(512, ge=1, description="Token limit of one generated action.")
     sag: SagConfig = Field(SagConfig(), description="Self-consistent action generation settings.")
     seed: int = Field(0, description="Base seed; each request's seed also depends on question, sample, step.")
+    boxed_answer: bool = Field(
+        True, description="An action without code whose text gives a \\boxed{} answer ends the episode with it "
+        "(the model answered in prose instead of calling final_answer); off: it is a parse error.",
+    )
 
 
 @dataclass
@@ -221,7 +226,7 @@ def _sample_actions(
     generations = generator.generate(requests, sampling)
     _check_generations(generations, len(requests), sampling.n, generator)
     return [
-        [_parsed_candidate(prefix, completion) for completion in generation.completions]
+        [_parsed_candidate(prefix, completion, cfg.boxed_answer) for completion in generation.completions]
         for generation, prefix in zip(generations, prefixes)
     ]
 
@@ -251,10 +256,17 @@ def _check_generations(generations: list[Generation], num_requests: int, n: int,
             )
 
 
-def _parsed_candidate(prefix: str, completion: Completion) -> Candidate:
-    """Parse ``prefix + completion``; the state and result are filled in by ``_execute``."""
+def _parsed_candidate(prefix: str, completion: Completion, boxed_answer: bool) -> Candidate:
+    """Parse ``prefix + completion``; the state and result are filled in by ``_execute``.
+
+    With ``boxed_answer``, an action without code that gives a ``\\boxed{}`` answer is final as it is
+    (nothing runs); every other action without code is a parse failure.
+    """
     text = prefix + completion.text
     action = parse_action(text)
+    if boxed_answer and action.answer is not None:
+        answered = ExecResult(observation="", is_final=True, final_answer=action.answer)
+        return Candidate(assistant=text, action=action, completion=completion, result=answered, state=None)
     assistant = _assistant_message(text, completion, parsed=action.code is not None)
     failure = ExecResult(observation=action.error or "", error_kind="parse", error=action.error)
     return Candidate(assistant=assistant, action=action, completion=completion, result=failure, state=None)

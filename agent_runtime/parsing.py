@@ -33,11 +33,17 @@ EMPTY_CODE_ERROR = "Error: your code block is empty. Write the Python code to ru
 
 @dataclass
 class ParsedAction:
-    """A parsed action: ``code`` is None exactly when ``error`` (the text fed back to the model) is set."""
+    """A parsed action: ``code`` is None exactly when ``error`` (the text fed back to the model) is set.
+
+    ``answer`` is the content of the last ``\\boxed{}`` of an action that has no code: the model answered
+    in prose ("The total is \\boxed{42}.") instead of calling ``final_answer``. The engine may take it
+    as the final answer (``AgentConfig.boxed_answer``); it is None whenever there is code.
+    """
 
     thought: str
     code: str | None
     error: str | None
+    answer: str | None = None
 
 
 def parse_action(text: str) -> ParsedAction:
@@ -50,7 +56,7 @@ def parse_action(text: str) -> ParsedAction:
         blocks, thought_end = _raw_code_after_label(text)
     thought = _clean_thought(text[:thought_end] if blocks else _cut_observation(text))
     if not blocks:
-        return ParsedAction(thought=thought, code=None, error=NO_CODE_ERROR)
+        return ParsedAction(thought=thought, code=None, error=NO_CODE_ERROR, answer=last_boxed(thought) or None)
     code = "\n\n".join(block.strip("\n").rstrip() for block in blocks if block.strip())
     if not code:
         return ParsedAction(thought=thought, code=None, error=EMPTY_CODE_ERROR)
@@ -122,3 +128,21 @@ def _clean_thought(text: str) -> str:
     """Drop the ``Thought:`` label at the start and the ``Code:`` label at the end."""
     text = _THOUGHT_LABEL.sub("", text, count=1)
     return _CODE_LABEL.sub("", text).strip()
+
+
+def last_boxed(text: str) -> str | None:
+    r"""The content of the last ``\boxed{...}`` (or ``\fbox{...}``) in ``text``, braces balanced."""
+    starts = [m for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    if not starts:
+        loose = re.findall(r"\\boxed\s+([^\s$]+)", text)  # "\boxed 5" (no braces) is valid LaTeX
+        return loose[-1] if loose else None
+    begin = starts[-1].end()
+    depth = 1
+    for i in range(begin, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[begin:i].strip()
+    return None  # unbalanced: the output was cut off inside the box

@@ -54,6 +54,7 @@ from fractions import Fraction
 from typing import Literal
 
 from agent_runtime.generation import Generator, Request, Sampling
+from agent_runtime.parsing import last_boxed
 from evaluation.symbolic import Verdict, compare
 
 Gold = str | list[str] | None
@@ -137,24 +138,6 @@ def _normalize(text: str, kind: Literal["math", "qa"]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- extraction
-
-
-def last_boxed(text: str) -> str | None:
-    r"""The content of the last ``\boxed{...}`` (or ``\fbox{...}``) in ``text``, braces balanced."""
-    starts = [m for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    if not starts:
-        loose = re.findall(r"\\boxed\s+([^\s$]+)", text)  # "\boxed 5" (no braces) is valid LaTeX
-        return loose[-1] if loose else None
-    begin = starts[-1].end()
-    depth = 1
-    for i in range(begin, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[begin:i].strip()
-    return None  # unbalanced: the output was cut off inside the box
 
 
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"

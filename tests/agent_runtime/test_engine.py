@@ -100,6 +100,34 @@ def test_parse_error_is_recorded_and_fed_back(sandbox) -> None:
     assert final_step.is_final and episode.prediction == "4"
 
 
+def test_a_boxed_answer_in_prose_ends_the_episode(sandbox) -> None:
+    # What the 1.5B teacher does after seeing its result: it answers in prose instead of calling final_answer.
+    prose = r"The remaining amount Aiko has is \(\boxed{21794391}\) dollars."
+    script = {"q": [act("print(7517486 * 47 - 331527451)"), prose, act("final_answer('unused')")]}
+    (episode,), generator = run(script, sandbox)
+    assert episode.prediction == "21794391" and episode.error is None
+    assert len(generator.calls) == 2 and episode.num_steps == 2
+    step = episode.steps[1]
+    assert step.is_final and step.error_kind == "none" and step.code is None and step.observation == ""
+    assert step.assistant == prose and episode.messages[-1] == {"role": "assistant", "content": prose}
+
+    # Off, the same text is a parse error and the episode goes on to its next action.
+    (strict,), _ = run(script, sandbox, AgentConfig(boxed_answer=False))
+    assert strict.steps[1].error_kind == "parse" and strict.steps[1].observation == NO_CODE_ERROR
+    assert strict.prediction == "unused" and strict.num_steps == 3
+
+
+def test_a_boxed_answer_only_counts_without_code(sandbox) -> None:
+    # Code wins: a \boxed{} in the thought of an action with code is not an answer, and prose without a box
+    # is still a parse error.
+    with_code = act("print(2 + 2)", thought=r"I guess \boxed{5}, let me check")
+    script = {"q": [with_code, "The answer is 4.", act("final_answer(4)")]}
+    (episode,), _ = run(script, sandbox)
+    assert [s.error_kind for s in episode.steps] == ["none", "parse", "none"]
+    assert episode.prediction == "4"
+    assert parse_action(with_code).answer is None and parse_action("so x = \\boxed{a_{1}}").answer == "a_{1}"
+
+
 def test_execution_error_is_recorded_and_fed_back(sandbox) -> None:
     script = {"q": [act("x = 1 / 0"), act("final_answer('recovered')")]}
     (episode,), generator = run(script, sandbox)
