@@ -22,8 +22,6 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 
 demo: setup
 	$(VENV)/bin/distillery run
-	@echo "The demo shows every stage on real models; whether distillation helps is the study's question:"
-	@echo "  results/cpu-study/report.md (configs/cpu-study.yaml, 1.5B teacher -> 0.5B students)"
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

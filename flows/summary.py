@@ -12,6 +12,10 @@ EXAMPLE_QUERIES = (
     "select stage, id, parents from artifacts",
 )
 
+# Small runs (the demo) show every stage on real models; whether distillation helps is the study's question.
+STUDY_POINTER = ("whether distillation helps is the study's question: results/cpu-study/report.md "
+                 "(configs/cpu-study.yaml, the 1.5B teacher distilled into 0.5B students)")
+
 
 def print_summary(store: ArtifactStore, results: dict) -> None:
     from evaluation.report import table2_markdown
@@ -23,6 +27,7 @@ def print_summary(store: ArtifactStore, results: dict) -> None:
         print()
         print(table2_markdown(read_table(evaluation.path, "metrics")))
         print(f"\nreport: {evaluation.path / 'report.md'}")
+        print(STUDY_POINTER)
     print("\nexplore the artifacts with DuckDB, e.g.:")
     for sql in EXAMPLE_QUERIES:
         print(f'  distillery query "{sql}"')
