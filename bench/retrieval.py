@@ -63,7 +63,7 @@ def bench_build(docs: int, batch_size: int) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from storage.models import resolve_embedder
+    from models.resolve import resolve_embedder
 
     cfg = IndexConfig(corpus=CorpusConfig(limit=docs), batch_size=batch_size)
     with tempfile.TemporaryDirectory() as tmp:

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(results: list[dict], machine: dict, model: str) -> None:
-    from storage.model_files import SPLIT_GGUFS
+    from models.split_gguf import SPLIT_GGUFS
 
     baseline = next((r for r in results if r["engine"] == "transformers:float32"), None)
     best = max(results, key=lambda r: r["episodes_per_s"])

@@ -2,7 +2,7 @@
 
 Starts ``distillery server`` on a free loopback port with a temporary artifact root (or uses the server
 of ``--api-url``), waits for the ``pipeline/distillery`` deployment, opens its custom-run page (the
-parameter form the UI renders from the ``PipelineConfig`` schema, prefilled with the served profile) and
+parameter form: the profile, the knobs, then the full ``PipelineConfig``, see ``flows.pipeline``) and
 saves a PNG. Prints how long each part took. Needs Debian's ``chromium`` (``apt-get install -y chromium``).
 
     python bench/ui_screenshot.py --out prefect-pipeline-form.png
@@ -29,8 +29,11 @@ sys.path.insert(0, str(ROOT))
 
 DEPLOYMENT = "pipeline/distillery"
 # Headless and quiet: no GPU, no sandbox (we run as root in a container), nothing fetched in the background.
+# --run-all-compositor-stages-before-draw: without it the shot often catches the page mid fade-in, dimmed
+# (2 of 3 shots; 0 of 7 with it).
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars")
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+                  "--run-all-compositor-stages-before-draw")
 
 
 def deployment_id(api_url: str, timeout_s: float, server: subprocess.Popen | None) -> str:
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("prefect-pipeline-form.png"), help="PNG to write")
     parser.add_argument("--api-url", help="a running server's API (default: start `distillery server`)")
     parser.add_argument("--chromium", default="chromium", help="Chromium executable")
-    parser.add_argument("--size", default="1400x2000", help="window size WIDTHxHEIGHT in pixels")
+    parser.add_argument("--size", default="1200x1480", help="window size WIDTHxHEIGHT in pixels (the form fits)")
     parser.add_argument("--render-ms", type=int, default=30000, help="virtual time the page gets to render")
     args = parser.parse_args(argv)
     if shutil.which(args.chromium) is None:

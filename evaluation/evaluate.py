@@ -8,7 +8,7 @@ Methods (``MethodConfig``):
 Each method names which model runs it: the base ``student`` (no adapter), the ``teacher``, or a
 distilled student (``agent_student``/``cot_student``: the student with that adapter).
 
-Questions go to shards by ``evaluation.rollout.part_of(question id, num_shards)``, so sharding is a
+Questions go to shards by ``agent_runtime.rollout.part_of(question id, num_shards)``, so sharding is a
 pure function of the id and each question is evaluated exactly once per (method, dataset).
 """
 
@@ -22,9 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent_runtime.cot import run_cot
 from agent_runtime.engine import AgentConfig, AgentTask, SagConfig
-from evaluation.datasets import DatasetConfig, Question
+from agent_runtime.rollout import run_questions
 from evaluation.grading import extract_answer, grade
-from evaluation.rollout import run_questions
+from questions.datasets import DatasetConfig, Question
 from storage.errors import UserError
 
 TEST_SETS = (
@@ -108,8 +108,8 @@ def evaluate_questions(questions: list[Question], kind: str, method: MethodConfi
     if method.mode == "cot":
         search = sandbox.search if method.rag else None
         return cot_rows(questions, kind, generator, cfg, labels, search, on_progress)
-    rows = run_questions(questions, kind, generator, sandbox, agent_config_for(method, cfg), labels=labels,
-                         on_progress=on_progress)
+    rows = run_questions(questions, kind, generator, sandbox, agent_config_for(method, cfg), grade,
+                         labels=labels, on_progress=on_progress)
     steps_by_episode: dict[str, list[dict]] = {}
     for step in rows.steps:
         steps_by_episode.setdefault(step["question_id"], []).append(step)

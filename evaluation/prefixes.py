@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent_runtime.cot import first_step, run_cot
 from agent_runtime.engine import AgentTask
-from evaluation.datasets import Question
 from evaluation.grading import extract_answer, grade
+from questions.datasets import Question
 
 
 class PrefixConfig(BaseModel):

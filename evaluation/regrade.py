@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from evaluation.datasets import ALIASES_KEY
 from evaluation.grading import GRADER_VERSION, grade
+from questions.datasets import ALIASES_KEY
 from storage.catalog import read_table
 from storage.schemas import METRICS, PREDICTIONS, conform
 from storage.store import ArtifactError, ArtifactRef, ArtifactStore

@@ -1,9 +1,9 @@
 """The inputs of each stage, checked before the stage starts.
 
 A malformed dataset, corpus, model file or adapter folder is found here, in a second, instead of after
-Prefect has started and a task has loaded a model. The CLI runs ``check_command`` before it starts any
-flow; each flow runs its own stage's check first, so a deployment run with bad parameters fails before
-its first task too. Every failure is a ``UserError`` whose message names the file (and line) or the key.
+Prefect has started and a task has loaded a model. What is checked is what the run's plan
+(``flows.plans``) still has to build: the CLI runs ``check_command`` before it starts any flow, and each
+flow checks its own plan first, so a deployment run with bad parameters fails before its first task too. Every failure is a ``UserError`` whose message names the file (and line) or the key.
 
 What is read: every question of every dataset; the first ``PREFLIGHT_DOCUMENTS`` documents of the
 corpus (a malformed record further into a multi-GB corpus is still found by the index task, which does
@@ -16,11 +16,12 @@ import json
 from pathlib import Path
 
 from agent_runtime.backends import BackendConfig
-from evaluation.datasets import DatasetConfig, load_dataset
-from evaluation.rollout import with_limit
 from flows.config import PipelineConfig
+from flows.plans import PIPELINE, PipelinePlan, plan_pipeline, train_config
+from models.resolve import ModelNotAvailable, resolve_embedder, resolve_model
+from questions.datasets import DatasetConfig, load_dataset, with_limit
 from retrieval.corpus import CorpusConfig, iter_passages
-from storage.models import ModelNotAvailable, resolve_embedder, resolve_model
+from storage.store import ArtifactStore
 
 PREFLIGHT_DOCUMENTS = 1000
 GGUF_MAGIC = b"GGUF"
@@ -29,38 +30,42 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 REMOTE_KINDS = ("openai", "scripted")
 
 
-def check_command(cfg: PipelineConfig, command: str) -> None:
-    """Check what ``distillery <command>`` will read, including the stages it builds on the way."""
-    if command in ("index", "rollout", "train", "evaluate", "run"):
-        check_index_inputs(cfg)
-    if command in ("prefixes", "rollout", "train", "run") or (command == "evaluate" and
-                                                             cfg.evaluate.distilled_models()):
-        check_rollout_inputs(cfg)
-    if command in ("train", "run") or (command == "evaluate" and cfg.evaluate.distilled_models()):
-        check_train_inputs(cfg)
-    if command in ("evaluate", "run"):
-        check_evaluate_inputs(cfg)
+COMMAND_TARGETS = {"index": ("index",), "prefixes": ("prefixes",), "rollout": ("trajectories",),
+                   "train": ("adapters",), "evaluate": ("evals",), "run": PIPELINE}
+"""What each stage command builds (``flows.plans`` adds the stages those read)."""
+
+
+def check_command(cfg: PipelineConfig, command: str, store: ArtifactStore) -> None:
+    """Check what ``distillery <command>`` will read: the inputs of every stage its plan has to build
+    (``serve``, ``server`` and ``sandbox`` build no stage: their runs are checked by the flows)."""
+    if command in COMMAND_TARGETS:
+        check_plan(plan_pipeline(store, cfg, COMMAND_TARGETS[command]), cfg)
+
+
+def check_plan(plan: PipelinePlan, cfg: PipelineConfig) -> None:
+    """The inputs of the stages ``plan`` still has to build; a built or pinned stage reads nothing.
+
+    So a pipeline whose rollouts are pinned (``rollout.artifact``) or already built never needs the
+    teacher's model, and a built index never re-reads its corpus.
+    """
+    for name in plan.stages:
+        if not plan.missing(name):
+            continue
+        stage, _, kind = name.partition("/")
+        if stage == "index":
+            check_index_inputs(cfg)
+        elif stage in ("prefixes", "trajectories"):  # the teacher over the training questions
+            check_backend(cfg.teacher)
+            check_datasets(cfg.rollout.datasets, cfg.rollout.limit)
+        elif stage == "adapters":
+            resolve_model(train_config(cfg, kind).base_model)
+        elif stage == "evals":
+            check_evaluate_inputs(cfg)
 
 
 def check_index_inputs(cfg: PipelineConfig) -> None:
     resolve_embedder(cfg.index.embedder)
     check_corpus(cfg.index.corpus)
-
-
-def check_rollout_inputs(cfg: PipelineConfig) -> None:
-    """The teacher and the training questions (also what the FTP prefixes read); nothing when both teacher
-    stages are pinned to existing artifacts (``rollout.artifact``, ``prefixes.artifact``): no teacher runs."""
-    teacher_runs = cfg.rollout.artifact is None or (cfg.prefixes.artifact is None and cfg.cot_student.enabled)
-    if not teacher_runs:
-        return
-    check_backend(cfg.teacher)
-    check_datasets(cfg.rollout.datasets, cfg.rollout.limit)
-
-
-def check_train_inputs(cfg: PipelineConfig) -> None:
-    resolve_model(cfg.train.base_model)
-    if cfg.cot_student.enabled:
-        resolve_model(cfg.cot_student.train.base_model)
 
 
 def check_evaluate_inputs(cfg: PipelineConfig) -> None:

@@ -134,7 +134,7 @@ def load(args, limits: dict | None = None, methods: list[str] | None = None):
     cfg = load_config(PipelineConfig, args.config, [*args.overrides, *extra])
     if methods:
         cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.only_methods(methods)})
-    check_command(cfg, args.command)
+    check_command(cfg, args.command, store())
     return cfg
 
 
@@ -152,7 +152,7 @@ def run(args) -> int:
         return 0
     from flows.pipeline import pipeline_flow
 
-    print_summary(store(), pipeline_flow(cfg, home=str(store().root)))
+    print_summary(store(), pipeline_flow(cfg=cfg, home=str(store().root)))
     return 0
 
 

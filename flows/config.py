@@ -9,12 +9,12 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent_runtime.backends import BackendConfig
+from agent_runtime.rollout import RolloutConfig
 from agent_runtime.sandbox import SandboxConfig
 from evaluation.evaluate import EvalConfig
 from evaluation.prefixes import PrefixConfig
-from evaluation.rollout import RolloutConfig
-from retrieval.index import IndexConfig
 from flows.reeval_config import ReevalConfig
+from retrieval.index import IndexConfig
 from tasks.resources import SearchConfig
 from training.data import SftDataConfig
 from training.sft import TrainConfig

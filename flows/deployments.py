@@ -1,7 +1,9 @@
 """Prefect deployments: the pipeline, each stage, and the scheduled re-evaluation. CLI: ``distillery serve``.
 
 Every deployment takes the typed ``cfg: PipelineConfig`` (so the Prefect UI renders a form for it,
-prefilled with the served profile) and ``home``, the artifact root. ``reevaluate`` also carries the cron
+prefilled with the served profile) and ``home``, the artifact root. The pipeline's form starts with a
+profile and a few knobs (teacher, student, question limits) and has the full config last, empty when
+the served config is a shipped profile (see ``pipeline_flow``). ``reevaluate`` also carries the cron
 schedule of ``cfg.reevaluate``: every night, say, it scores the newest adapter (or the listed ones) on
 the configured benchmarks and publishes the report.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import get_args
 
 from prefect import flow, serve
 from prefect.artifacts import create_markdown_artifact
@@ -31,7 +34,7 @@ from flows.evaluate import evaluate_flow
 from flows.index import index_flow
 from flows.pipeline import pipeline_flow
 from flows.rollout import prefixes_flow, rollout_flow
-from flows.settings import ConfigError
+from flows.settings import ConfigError, Profile, load_config, profile_path
 from flows.train import train_flow
 from storage.catalog import read_table
 from storage.store import ArtifactError, ArtifactRef, ArtifactStore, default_root
@@ -111,7 +114,8 @@ def summary_markdown(results: dict[str, ArtifactRef]) -> str:
 # ----------------------------------------------------------------------------- deployments
 
 def build_deployments(cfg: PipelineConfig, home: str, schedule_active: bool = True) -> list[RunnerDeployment]:
-    """The deployments of the pipeline, each stage and the re-evaluation, with ``cfg``/``home`` as defaults.
+    """The deployments of the pipeline, each stage and the re-evaluation, with ``cfg``/``home`` as defaults
+    (the pipeline's: ``pipeline_parameters``).
 
     The re-evaluation gets the cron schedule of ``cfg.reevaluate`` when it is enabled; with
     ``schedule_active=False`` the schedule is registered paused (visible, switchable in the UI).
@@ -126,7 +130,8 @@ def build_deployments(cfg: PipelineConfig, home: str, schedule_active: bool = Tr
         evaluate_flow: "sharded evaluation of baselines and students, metrics and report",
     }
     deployments = [
-        stage.to_deployment(name=DEPLOYMENT_NAME, parameters=defaults, description=text,
+        stage.to_deployment(name=DEPLOYMENT_NAME, description=text,
+                            parameters=pipeline_parameters(cfg, home) if stage is pipeline_flow else defaults,
                             tags=["distillery", stage.name], entrypoint_type=EntrypointType.MODULE_PATH)
         for stage, text in stages.items()
     ]
@@ -137,6 +142,18 @@ def build_deployments(cfg: PipelineConfig, home: str, schedule_active: bool = Tr
         description="evaluate the newest (or listed) adapters on the benchmarks and publish the report",
         entrypoint_type=EntrypointType.MODULE_PATH))
     return deployments
+
+
+def pipeline_parameters(cfg: PipelineConfig, home: str) -> dict:
+    """The pipeline form's defaults: the profile's name when ``cfg`` is exactly a shipped profile, else ``cfg``.
+
+    So a plain ``distillery server`` offers the profile choice with the full config left empty, and a served
+    custom file or ``--set`` override still reaches the run (a given ``cfg`` takes precedence over the profile).
+    """
+    for profile in get_args(Profile):
+        if load_config(PipelineConfig, profile_path(profile)) == cfg:
+            return {"profile": profile, "home": home}
+    return {"cfg": cfg.model_dump(mode="json"), "home": home}
 
 
 def serve_deployments(cfg: PipelineConfig, home: str, schedule_active: bool = True) -> None:

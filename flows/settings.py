@@ -6,6 +6,7 @@ Errors are ``ConfigError`` with one line that names the file (and line) or the k
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -14,6 +15,8 @@ from storage.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PROFILE = CONFIG_DIR / "demo.yaml"
+Profile = Literal["demo", "cpu-study", "paper"]
+"""The shipped profiles by name: ``configs/<name>.yaml`` (a test keeps this list equal to the files)."""
 
 
 class ConfigError(UserError, ValueError):
@@ -61,6 +64,11 @@ def apply_override(data: dict, model: type[BaseModel], assignment: str) -> None:
         target = target.setdefault(part, {})
         if not isinstance(target, dict):
             raise ConfigError(f"config key {key!r}: {'.'.join(parts[:depth + 1])} is not a mapping in the file")
+
+
+def profile_path(profile: Profile) -> Path:
+    """The YAML file of a shipped profile, under the repository's configs/ whatever the working directory."""
+    return CONFIG_DIR / f"{profile}.yaml"
 
 
 def load_config(model: type[BaseModel], path: Path | None = None, overrides: list[str] = ()) -> BaseModel:

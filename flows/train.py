@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.checks import check_train_inputs
+from flows.checks import check_plan
 from flows.config import PipelineConfig
 from flows.plans import plan_pipeline, train_config
 from flows.rollout import prefixes_flow, rollout_flow
@@ -22,8 +22,8 @@ from tasks.train import build_sft_data, train_student
 def train_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = None, resume: bool = False,
                accelerate_config: str | None = None) -> dict[str, ArtifactRef]:
     """The agent-distilled student's adapter (and the CoT-distilled one when enabled)."""
-    check_train_inputs(cfg)
     plan = plan_pipeline(ArtifactStore(home or default_root()), cfg, ("adapters",))
+    check_plan(plan, cfg)
     if plan.missing("prefixes"):
         prefixes_flow(cfg, home=str(plan.store.root))
     if plan.missing("trajectories"):

@@ -39,8 +39,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.resolve import package_dir
 from storage.errors import UserError
-from storage.models import package_dir
 
 CorpusFormat = Literal["auto", "searchr1", "jsonl", "parquet", "vital-articles"]
 VITAL_ARTICLES = "vital-articles"

@@ -11,7 +11,7 @@ Query/passage prefixes: a model's own configured prompts win (``config_sentence_
 explicitly as ``prompt=`` to ``SentenceTransformer.encode`` and recorded in the index metadata, so an index
 and its queries are always embedded the same way.
 
-Models are resolved by ``storage.models.resolve_embedder`` (embedded name, local folder or an already
+Models are resolved by ``models.resolve.resolve_embedder`` (embedded name, local folder or an already
 cached hub id) and loaded with ``local_files_only=True``: nothing is downloaded.
 
     embedder = Embedder("minilm-l6-v2")
@@ -26,7 +26,7 @@ import re
 import numpy as np
 
 from devices.precision import Dtype, resolve_dtype
-from storage.models import resolve_embedder
+from models.resolve import resolve_embedder
 
 E5_PREFIXES = ("query: ", "passage: ")
 _PASSAGE_PROMPT_NAMES = ("document", "passage", "corpus")

@@ -30,12 +30,13 @@ from storage.schemas import conform
 
 MANIFEST = "manifest.json"
 TMP_MARK = ".tmp-"
-PACKAGES = ("agent_runtime", "devices", "retrieval", "storage", "training", "evaluation", "tasks", "flows")
+PACKAGES = ("agent_runtime", "devices", "models", "questions", "retrieval", "storage", "training", "evaluation",
+            "tasks", "flows")
 # The code each stage's output depends on: editing evaluation code must not rebuild the index.
 STAGE_CODE = {
     "index": ("devices", "retrieval", "storage"),
-    "prefixes": ("agent_runtime", "devices", "evaluation", "storage"),
-    "trajectories": ("agent_runtime", "devices", "evaluation", "retrieval", "storage"),
+    "prefixes": ("agent_runtime", "devices", "evaluation", "questions", "storage"),
+    "trajectories": ("agent_runtime", "devices", "evaluation", "questions", "retrieval", "storage"),
     "sft_data": ("agent_runtime", "training", "storage"),
     "adapters": ("devices", "training", "storage"),
 }

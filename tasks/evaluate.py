@@ -1,11 +1,8 @@
 """Prefect tasks: one evaluation shard, and the metrics + report of a finished evaluation.
 
-A shard is (method, dataset, shard index); it writes ``predictions/part-<n>.parquet`` atomically and is
-skipped when that file exists, so a killed evaluation resumes without redoing finished shards. A shard
-runs in the flow's worker, or in its own process (``python -m tasks.evaluate JOB.json``): pinned with
-``CUDA_VISIBLE_DEVICES`` on a machine with several GPUs (CUDA cannot start in a forked worker), or with
-its own number of CPU threads (runner ``processes``), so that shards side by side do not share, and
-fight over, one process's intra-op thread pool.
+``evaluate_shard`` runs a shard (``tasks.shard_worker.ShardJob``) in the flow's worker, or in its own
+process (``python -m tasks.shard_worker JOB.json``) when its ``ShardPin`` sets a GPU or a number of CPU
+threads; a shard whose predictions file exists is skipped, so a killed evaluation resumes.
 """
 
 from __future__ import annotations
@@ -19,92 +16,15 @@ from pathlib import Path
 import pyarrow as pa
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import BaseModel, ConfigDict
 
-from agent_runtime.backends import BackendConfig
-from agent_runtime.sandbox import Sandbox, SandboxConfig
-from evaluation.datasets import load_dataset
-from evaluation.evaluate import EvalConfig, evaluate_questions
-from evaluation.rollout import split_parts, with_limit
-from retrieval.index import IndexConfig
 from storage.catalog import read_table
 from storage.errors import UserError
-from storage.schemas import METRICS, PREDICTIONS
-from storage.store import ArtifactError, ArtifactRef, ArtifactStore, StagePlan, atomic_write_table, part_name
+from storage.schemas import METRICS
+from storage.store import ArtifactError, ArtifactRef, ArtifactStore, StagePlan
 from tasks.caching import artifact_key
-from tasks.progress import Progress
 from tasks.publish import in_prefect_run, publish_artifact
-from tasks.resources import SearchConfig, generator_for, search_for
 from tasks.retries import is_transient
-
-
-class ShardJob(BaseModel):
-    """Everything one shard needs, as references and configs (JSON-serialisable for a subprocess)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    eval_ref: ArtifactRef
-    cfg: EvalConfig
-    method_index: int
-    dataset_index: int
-    shard: int
-    backend: BackendConfig
-    adapter_id: str | None
-    sandbox: SandboxConfig
-    index: ArtifactRef
-    index_cfg: IndexConfig
-    search: SearchConfig
-
-    @property
-    def part(self) -> int:
-        """The shard's file number: unique per (method, dataset, shard)."""
-        per_method = len(self.cfg.datasets) * self.cfg.num_shards
-        return self.method_index * per_method + self.dataset_index * self.cfg.num_shards + self.shard
-
-    @property
-    def path(self) -> Path:
-        return self.eval_ref.path / "predictions" / part_name(self.part)
-
-
-def run_shard(job: ShardJob) -> int:
-    """Evaluate one shard (unless its file exists); returns the number of prediction rows."""
-    if job.path.is_file():
-        return -1
-    method, dataset = job.cfg.methods[job.method_index], job.cfg.datasets[job.dataset_index]
-    dataset = with_limit(with_limit(dataset, job.cfg.limit), method.limit)
-    questions = split_parts(load_dataset(dataset), job.cfg.num_shards)[job.shard]
-    labels = {"artifact_id": job.eval_ref.id, "model": job.backend.model, "method": method.name,
-              "adapter": job.adapter_id, "shard": job.shard}
-    rows: list[dict] = []
-    if questions:
-        search = search_for(job.index, job.index_cfg, job.search)
-        progress = Progress(len(questions), f"{method.name} on {dataset.name}"
-                            + (f" (shard {job.shard + 1}/{job.cfg.num_shards})" if job.cfg.num_shards > 1 else ""))
-        with generator_for(job.backend) as generator, Sandbox(job.sandbox, search=search) as sandbox:
-            rows = evaluate_questions(questions, dataset.kind, method, job.cfg, generator, sandbox, labels,
-                                      on_progress=lambda finished, _total: progress.update(finished))
-        progress.close()
-    # An empty shard still writes its (empty) file: it is done, and resume must not revisit it.
-    atomic_write_table(job.path, pa.Table.from_pylist(rows, schema=PREDICTIONS), PREDICTIONS)
-    return len(rows)
-
-
-class ShardPin(BaseModel):
-    """Where a shard runs: in the worker (nothing set), or in a subprocess on one GPU and/or N CPU threads."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    gpu: int | None = None
-    threads: int | None = None
-
-    def env(self) -> dict[str, str]:
-        env = {}
-        if self.gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(self.gpu)
-        if self.threads is not None:
-            # torch sizes its intra-op pool from OMP_NUM_THREADS when it is imported.
-            env |= {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
-        return env
+from tasks.shard_worker import ShardJob, ShardPin, run_shard
 
 
 @task(name="evaluate-shard", retries=1, retry_delay_seconds=5, retry_condition_fn=is_transient)
@@ -117,7 +37,7 @@ def evaluate_shard(job: ShardJob, pin: ShardPin | None = None) -> int:
     job_path = job.eval_ref.path / "jobs" / f"shard-{job.part:05d}.json"
     job_path.parent.mkdir(parents=True, exist_ok=True)
     job_path.write_text(job.model_dump_json())
-    done = subprocess.run([sys.executable, "-m", "tasks.evaluate", str(job_path)],
+    done = subprocess.run([sys.executable, "-m", "tasks.shard_worker", str(job_path)],
                           env={**os.environ, **pin.env()}, check=False)
     if done.returncode != 0:
         method, dataset = job.cfg.methods[job.method_index].name, job.cfg.datasets[job.dataset_index].name
@@ -162,22 +82,3 @@ def check_unique(predictions: pa.Table, where: Path) -> None:
                                                                       "question_id", "sample_index"))))
     if len(keys) != len(set(keys)):
         raise ArtifactError(f"{where}: duplicate predictions ({len(keys) - len(set(keys))} rows)")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Subprocess entry: ``python -m tasks.evaluate JOB.json`` runs one shard."""
-    job_path = Path((argv or sys.argv[1:])[0])
-    job_path.with_suffix(".error").unlink(missing_ok=True)
-    try:
-        rows = run_shard(ShardJob.model_validate_json(job_path.read_text()))
-    except UserError as exc:  # the parent raises it again; no traceback for an input error
-        job_path.with_suffix(".error").write_text(str(exc))
-        return 2
-    torch = sys.modules.get("torch")  # imported by the model or the retriever's embedder
-    threads = torch.get_num_threads() if torch is not None else None
-    job_path.with_suffix(".done").write_text(json.dumps({"rows": rows, "torch_threads": threads}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,8 +6,8 @@ import pyarrow as pa
 from prefect import task
 
 from agent_runtime.backends import BackendConfig
-from evaluation.datasets import DatasetConfig, load_dataset
 from evaluation.prefixes import PrefixConfig, solve_with_cot
+from questions.datasets import DatasetConfig, load_dataset
 from storage.catalog import read_table
 from storage.schemas import COT_SOLUTIONS
 from storage.store import ArtifactRef, ArtifactStore, StagePlan, part_name

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from prefect.artifacts import create_markdown_artifact
+import sys
 
 from storage.store import ArtifactRef, ArtifactStore
 
 
 def in_prefect_run() -> bool:
     """True inside a flow or task run; plain calls (tests calling ``task.fn``) have no UI to publish to."""
+    if "prefect" not in sys.modules:  # no run in this process (an evaluation shard's): do not import Prefect
+        return False
     from prefect.context import FlowRunContext, TaskRunContext
 
     return TaskRunContext.get() is not None or FlowRunContext.get() is not None
@@ -18,6 +20,8 @@ def publish_artifact(store: ArtifactStore, ref: ArtifactRef, example_query: str)
     """A markdown artifact keyed ``<stage>-latest`` describing ``ref`` (no-op outside a Prefect run)."""
     if not in_prefect_run():
         return
+    from prefect.artifacts import create_markdown_artifact
+
     manifest = store.manifest(ref)
     lineage = " → ".join(f"`{m['stage']}/{m['id']}`" for m in store.lineage(ref.id))
     counts = ", ".join(f"{k}: {v}" for k, v in manifest.get("row_counts", {}).items()) or "–"

@@ -1,4 +1,4 @@
-"""Prefect task: teacher rollouts into a ``trajectories`` artifact (``evaluation.rollout``)."""
+"""Prefect task: teacher rollouts into a ``trajectories`` artifact (``agent_runtime.rollout``)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from agent_runtime.backends import BackendConfig
+from agent_runtime.rollout import RolloutConfig, run_questions, split_parts
 from agent_runtime.sandbox import Sandbox, SandboxConfig
-from evaluation.datasets import load_dataset
-from evaluation.rollout import RolloutConfig, run_questions, split_parts, with_limit
+from evaluation.grading import grade
+from questions.datasets import load_dataset, with_limit
 from retrieval.index import IndexConfig
 from storage.catalog import read_table
 from storage.schemas import EPISODES, STEPS
@@ -41,8 +42,8 @@ def run_rollouts(plan: StagePlan, cfg: RolloutConfig, teacher: BackendConfig, sa
             with generator_for(teacher) as generator, Sandbox(sandbox_cfg, search=search) as sandbox:
                 for part, dataset, questions in work:
                     rows = run_questions(
-                        questions, dataset.kind, generator, sandbox, cfg.agent, cfg.samples_per_question,
-                        first_steps,
+                        questions, dataset.kind, generator, sandbox, cfg.agent, grade,
+                        cfg.samples_per_question, first_steps,
                         {"artifact_id": plan.ref.id, "model": teacher.model, "method": "agent"},
                         on_progress=lambda finished, _total, base=done: progress.update(base + finished),
                     )

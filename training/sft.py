@@ -69,7 +69,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    base_model: str = Field("smollm2-135m-instruct", description="student spec for storage.models.resolve_model")
+    base_model: str = Field("smollm2-135m-instruct", description="student spec for models.resolve.resolve_model")
     lora: LoraSettings = Field(LoraSettings(), description="adapter shape")
     learning_rate: float = Field(2e-4, gt=0, description="peak learning rate of the linear schedule")
     epochs: float = Field(2, gt=0, description="passes over the examples; sets the schedule length")
@@ -248,7 +248,7 @@ def load_tokenizer(spec: str):
     """The student's tokenizer from local files (never the hub)."""
     from transformers import AutoTokenizer
 
-    from storage.models import resolve_model
+    from models.resolve import resolve_model
 
     source = resolve_model(spec)
     return AutoTokenizer.from_pretrained(source.path, **source.from_pretrained_kwargs())
@@ -259,7 +259,7 @@ def load_lora_model(cfg: TrainConfig, dtype: torch.dtype) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from storage.models import resolve_model
+    from models.resolve import resolve_model
 
     source = resolve_model(cfg.base_model)
     base = AutoModelForCausalLM.from_pretrained(source.path, **source.from_pretrained_kwargs(), dtype=dtype)

@@ -43,7 +43,7 @@ START_TIMEOUT_S = 600.0  # loading a 1.5B GGUF takes seconds; a busy 2-core mach
 
 def gguf_path(spec: str) -> Path:
     """The GGUF file of a model spec (embedded name, .gguf path, or a folder holding one GGUF)."""
-    from storage.models import ModelNotAvailable, resolve_model
+    from models.resolve import ModelNotAvailable, resolve_model
 
     src = resolve_model(spec)
     if src.gguf_file:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.model_files import model_cache
+from models.split_gguf import model_cache
 from storage.store import atomic_file
 
 PEFT_PREFIX = "base_model.model."

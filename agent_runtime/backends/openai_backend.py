@@ -15,7 +15,7 @@ Continuing an assistant prefix (``Request.continue_final``):
 - any other server (llama-cpp-python's server renders a trailing assistant message as a closed turn
   and opens a new one, so it cannot continue through the chat API): the prompt is rendered here with
   the model's own chat template and sent to ``/completions``. That needs a local tokenizer:
-  ``cfg.model`` must also be a spec ``storage.models.resolve_model`` finds (e.g. serve the embedded
+  ``cfg.model`` must also be a spec ``models.resolve.resolve_model`` finds (e.g. serve the embedded
   GGUF under the alias ``smollm2-135m-instruct``); otherwise a ``GenerationError`` says so.
 
 Latency: ``latency_s`` is the wall time of the completion's own HTTP call (calls overlap, so the
@@ -173,7 +173,7 @@ class OpenAIGenerator:
 
 def _local_tokenizer(model: str, base_url: str):
     """The tokenizer of ``model`` from local files, or a GenerationError saying why it cannot continue."""
-    from storage.models import ModelNotAvailable, resolve_model
+    from models.resolve import ModelNotAvailable, resolve_model
 
     try:
         src = resolve_model(model)

@@ -49,7 +49,7 @@ from agent_runtime.generation import (
     sample_seed,
 )
 from devices.precision import resolve_dtype as dtype_name
-from storage.models import ModelSource, resolve_model
+from models.resolve import ModelSource, resolve_model
 from storage.store import atomic_dir
 
 # Prompt tokens decoded together with the continuation, so tokenizers that drop a leading space on the

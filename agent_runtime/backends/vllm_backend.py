@@ -22,7 +22,7 @@ from agent_runtime.backends import BackendConfig
 from agent_runtime.backends.transformers_backend import dequantized_folder, prompt_ids, repeat_completion
 from agent_runtime.generation import Completion, Generation, GenerationError, Request, Sampling, sample_seed
 from devices.precision import resolve_dtype
-from storage.models import resolve_model
+from models.resolve import resolve_model
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank
 

@@ -282,7 +282,7 @@ def test_peft_adapter_is_loaded_and_changes_outputs(smol, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from agent_runtime.backends.transformers_backend import dequantized_folder
-    from storage.models import resolve_model
+    from models.resolve import resolve_model
 
     base = AutoModelForCausalLM.from_pretrained(
         dequantized_folder(resolve_model("smollm2-135m-instruct")), dtype=torch.float32
@@ -321,7 +321,7 @@ def test_dequantized_cache_matches_the_gguf(smol_fp32):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from storage.models import resolve_model
+    from models.resolve import resolve_model
 
     src = resolve_model("smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)

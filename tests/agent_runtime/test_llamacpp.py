@@ -203,7 +203,7 @@ def test_a_converted_adapter_on_llamacpp_matches_transformers_with_peft(tmp_path
     from peft import LoraConfig, get_peft_model
 
     from agent_runtime.backends.transformers_backend import load_model
-    from storage.models import resolve_model
+    from models.resolve import resolve_model
 
     torch.manual_seed(0)
     model, tokenizer = load_model(resolve_model(MODEL), torch.device("cpu"), torch.float32, None)

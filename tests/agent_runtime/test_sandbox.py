@@ -239,11 +239,31 @@ def test_a_killed_worker_is_replaced_and_the_run_goes_on():
 
 
 def test_a_worker_that_cannot_start_is_a_clear_error(monkeypatch):
-    import agent_runtime.sandbox as sandbox_module
+    import agent_runtime.sandbox.host as sandbox_host
 
-    monkeypatch.setattr(sandbox_module, "_BOOTSTRAP", "raise SystemExit(3)")
+    monkeypatch.setattr(sandbox_host, "_BOOTSTRAP", "raise SystemExit(3)")
     with pytest.raises(RuntimeError, match="sandbox worker failed to start: the worker process exited"):
         Sandbox(CFG.model_copy(update={"workers": 1}))
+
+
+def test_the_worker_process_loads_only_the_worker_side_of_the_package():
+    """The bootstrap registers the packages bare: no __init__.py runs, so neither pydantic nor the
+    host side (``agent_runtime.sandbox.host``) is loaded into a worker."""
+    import subprocess
+    import sys
+
+    import agent_runtime.sandbox.host as sandbox_host
+
+    start = "main(sys.argv[2])\n"
+    assert sandbox_host._BOOTSTRAP.endswith(start)
+    report = "print(sorted(m for m in sys.modules if m.split('.')[0] in ('agent_runtime', 'pydantic')))\n"
+    bootstrap = sandbox_host._BOOTSTRAP.removesuffix(start) + report
+    sandbox_dir = os.path.dirname(sandbox_host.__file__)
+    proc = subprocess.run([sys.executable, "-s", "-P", "-c", bootstrap, sandbox_dir], capture_output=True,
+                          text=True, env=sandbox_host._WORKER_ENV, check=True)
+    loaded = [f"agent_runtime.sandbox.{name}" for name in ("action", "guard", "isolation", "protocol", "state",
+                                                            "worker")]
+    assert proc.stdout == repr(["agent_runtime", "agent_runtime.sandbox", *loaded]) + "\n"
 
 
 def test_jobs_must_be_state_and_code(sandbox):

@@ -4,7 +4,6 @@ the same episode must still work (with the episode's variables intact)."""
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 
 import pytest

@@ -4,8 +4,8 @@ import pytest
 from pydantic import ValidationError
 
 from agent_runtime.backends.scripted import ScriptedGenerator
-from evaluation.datasets import Question
 from evaluation.evaluate import EvalConfig, MethodConfig, cot_rows
+from questions.datasets import Question
 
 
 def test_rag_puts_the_passages_of_the_question_in_the_prompt_and_grades_the_answer():

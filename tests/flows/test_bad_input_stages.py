@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from models.resolve import resolve_model
 from storage.catalog import query
-from storage.models import resolve_model
 from storage.store import ArtifactStore
 
 CORPUS = "".join(json.dumps({"id": str(i), "title": f"T{i}", "text": f"text {i}"}) + "\n" for i in range(4))

@@ -7,8 +7,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from flows.checks import check_adapter, check_corpus, check_gguf, check_safetensors
+from models.resolve import ModelNotAvailable, resolve_model
 from retrieval.corpus import CorpusConfig, CorpusError
-from storage.models import ModelNotAvailable, resolve_model
 
 
 @pytest.fixture

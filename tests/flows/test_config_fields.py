@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from flows.config import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("flows", "tasks", "agent_runtime", "retrieval", "storage", "training", "evaluation")
+PACKAGES = ("flows", "tasks", "agent_runtime", "questions", "retrieval", "storage", "training", "evaluation")
 
 
 def config_models(model: type[BaseModel], seen: dict | None = None) -> dict[str, type[BaseModel]]:

@@ -1,18 +1,25 @@
 """Every shipped profile loads into the pipeline config, and the paper profile sets what the paper used."""
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
 
 from flows.config import PipelineConfig
-from flows.settings import CONFIG_DIR, load_config
+from flows.settings import CONFIG_DIR, Profile, load_config, profile_path
 
 PROFILES = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
 def test_profiles_are_shipped():
     assert {p.name for p in PROFILES} >= {"demo.yaml", "paper.yaml"}
+
+
+def test_the_profile_choice_is_the_shipped_files_whatever_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    assert {profile_path(name) for name in get_args(Profile)} == set(configs.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.name)

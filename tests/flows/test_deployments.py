@@ -16,7 +16,6 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from evaluation.datasets import DatasetConfig
 from flows.cli import build_parser
 from flows.config import PipelineConfig
 from flows.deployments import (
@@ -24,11 +23,14 @@ from flows.deployments import (
     adapter_kind,
     build_deployments,
     newest_adapter,
+    pipeline_parameters,
     reevaluate_flow,
     reevaluation_config,
 )
+from flows.pipeline import pipeline_flow, resolve_config
 from flows.server import client_env, free_port, serve_argv, server_env
-from flows.settings import ConfigError, load_config
+from flows.settings import ConfigError, load_config, profile_path
+from questions.datasets import DatasetConfig
 from storage.store import ArtifactStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +58,8 @@ def test_every_stage_is_a_deployment_with_a_typed_form(tmp_path):
         assert deployment.parameters == {"cfg": cfg.model_dump(mode="json"), "home": str(tmp_path)}
         assert deployment.parameters["cfg"]["rollout"]["limit"] == 3
         schema = deployment._parameter_openapi_schema.model_dump()
-        assert schema["properties"]["cfg"]["$ref"] == "#/definitions/PipelineConfig", flow_name
+        # The pipeline's cfg is optional (a profile can stand in for it): a ref to the model, or null.
+        assert "#/definitions/PipelineConfig" in json.dumps(schema["properties"]["cfg"]), flow_name
         pipeline = schema["definitions"]["PipelineConfig"]["properties"]
         assert {"index", "rollout", "train", "evaluate", "reevaluate"} <= set(pipeline)
         limit = schema["definitions"]["RolloutConfig"]["properties"]["limit"]
@@ -91,6 +94,64 @@ def test_a_bad_schedule_names_the_file_and_key(tmp_path, key, value, message):
         load_config(PipelineConfig, profile)
     assert str(profile) in str(error.value) and f"reevaluate.{key}" in str(error.value)
     assert message in str(error.value)
+
+
+# ----------------------------------------------------------------------------- the pipeline's run form
+
+KNOBS = ["teacher_model", "student_model", "rollout_limit", "evaluate_limit"]
+
+
+def test_pipeline_form_starts_with_the_profile_then_the_knobs(tmp_path):
+    pipeline = by_flow(build_deployments(demo(), str(tmp_path)))["pipeline"]
+    properties = pipeline._parameter_openapi_schema.model_dump()["properties"]
+    # The UI orders fields by "position": the profile, the knobs, then the full config and the root.
+    by_position = sorted(properties, key=lambda name: properties[name]["position"])
+    assert by_position == ["profile", *KNOBS, "cfg", "home"]
+    assert properties["profile"]["enum"] == ["demo", "cpu-study", "paper"]
+    assert properties["rollout_limit"]["description"].startswith("the teacher solves only the first N questions")
+    # Served as the plain demo profile: the form offers the profile, the full config stays empty.
+    assert pipeline.parameters == {"profile": "demo", "home": str(tmp_path)}
+
+
+def test_pipeline_form_defaults_name_the_served_profile_or_carry_the_whole_config(tmp_path):
+    study = load_config(PipelineConfig, profile_path("cpu-study"))
+    assert pipeline_parameters(study, str(tmp_path)) == {"profile": "cpu-study", "home": str(tmp_path)}
+    changed = demo("rollout.limit=3")
+    assert pipeline_parameters(changed, str(tmp_path)) == {"cfg": changed.model_dump(mode="json"),
+                                                            "home": str(tmp_path)}
+
+
+class Planned(Exception):
+    """Raised by the stand-in planner: the pipeline got as far as planning, with this config."""
+
+
+def test_a_run_of_the_pipeline_form_uses_the_profile_and_the_knobs(tmp_path, monkeypatch):
+    def plan(store, cfg):
+        raise Planned(cfg)
+
+    monkeypatch.setattr("flows.pipeline.plan_pipeline", plan)
+    pipeline = by_flow(build_deployments(demo(), str(tmp_path)))["pipeline"]
+    knobs = {"teacher_model": "qwen2.5-coder-0.5b-instruct", "student_model": "smollm2-135m-instruct",
+             "rollout_limit": 3, "evaluate_limit": 2}
+    # What a run triggered from the form executes: the deployment's defaults, the form's values, Prefect's casting.
+    parameters = pipeline_flow.validate_parameters({**pipeline.parameters, "profile": "cpu-study", **knobs})
+    with pytest.raises(Planned) as planned:
+        pipeline_flow.fn(**parameters)
+    expected = load_config(PipelineConfig, profile_path("cpu-study"), [
+        "teacher.model=qwen2.5-coder-0.5b-instruct", "student.model=smollm2-135m-instruct",
+        "train.base_model=smollm2-135m-instruct", "cot_student.train.base_model=smollm2-135m-instruct",
+        "rollout.limit=3", "evaluate.limit=2"])
+    [cfg] = planned.value.args
+    assert cfg == expected
+    assert cfg.rollout.use_prefixes and cfg.cot_student.enabled  # the rest is the cpu-study profile's
+
+
+def test_a_given_config_is_complete_and_the_knobs_still_apply():
+    cfg = demo("rollout.limit=3")
+    assert resolve_config("paper", cfg=cfg) == cfg  # the profile is ignored
+    assert resolve_config("paper", evaluate_limit=1, cfg=cfg) == demo("rollout.limit=3", "evaluate.limit=1")
+    for profile in ("demo", "cpu-study", "paper"):  # no knob: the profile exactly, as `distillery run` loads it
+        assert resolve_config(profile) == load_config(PipelineConfig, profile_path(profile))
 
 
 # ----------------------------------------------------------------------------- re-evaluation

@@ -54,11 +54,11 @@ def tiny_setup(tmp_path, tiny_student, monkeypatch):  # noqa: F811
                  enumerate(answers.items())]
         (data / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     generator = ScriptedGenerator(scripted_model)
-    import tasks.evaluate
     import tasks.prefixes
     import tasks.rollout
+    import tasks.shard_worker
 
-    for module in (tasks.rollout, tasks.prefixes, tasks.evaluate):
+    for module in (tasks.rollout, tasks.prefixes, tasks.shard_worker):
         monkeypatch.setattr(module, "generator_for", lambda cfg: nullcontext(generator))
     student = {"kind": "scripted", "model": str(tiny_student)}
     datasets = [{"name": "math", "source": str(data / "math.jsonl"), "kind": "math"},
@@ -105,7 +105,7 @@ def test_pipeline_runs_every_stage_with_lineage_and_reuses_them(tiny_setup, home
     cfg, generator = tiny_setup
     assert cached_pipeline(ArtifactStore(home), cfg) is None  # nothing built yet
     started = datetime.now(UTC)
-    results = pipeline_flow(cfg, home=str(home))
+    results = pipeline_flow(cfg=cfg, home=str(home))
     assert stage_flow_runs(started) == dict.fromkeys(STAGE_FLOWS, 1)  # each stage flow once, in the pipeline
     store = ArtifactStore(home)
     stages = {m["stage"]: m for m in store.list()}
@@ -140,14 +140,14 @@ def test_pipeline_runs_every_stage_with_lineage_and_reuses_them(tiny_setup, home
 
     # Second run: every stage is re-used, nothing is generated again.
     calls = len(generator.calls)
-    again = pipeline_flow(cfg, home=str(home))
+    again = pipeline_flow(cfg=cfg, home=str(home))
     assert again == results and len(generator.calls) == calls
     # `distillery run` answers a repeat from the store: the ids it computes are the flows' ids.
     assert cached_pipeline(store, cfg) == results
 
     # Changing only an evaluation setting re-runs only the evaluation.
     changed = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"num_shards": 3})})
-    third = pipeline_flow(changed, home=str(home))
+    third = pipeline_flow(cfg=changed, home=str(home))
     assert third["adapter_agent"] == results["adapter_agent"] and third["evaluation"] != results["evaluation"]
     assert len(store.list("trajectories")) == 1 and len(store.list("evals")) == 2
     assert cached_pipeline(store, changed) == third

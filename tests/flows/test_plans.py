@@ -115,3 +115,31 @@ def test_pinned_stages_are_resolved_and_never_built(tmp_path, config):
                              ("evals",), given)
     assert list(evaluate.stages) == ["index", "adapters/agent", "evals"] and evaluate["adapters/agent"].pinned
     assert evaluate["evals"].plan.parents == (full.ref("index").id, full.ref("trajectories").id)
+
+
+def test_the_checks_read_only_what_the_plan_still_builds(tmp_path, config):
+    from flows.checks import check_command
+    from models.resolve import ModelNotAvailable
+
+    store = ArtifactStore(tmp_path / "home")
+    teacher = {"kind": "transformers", "model": "no-such-teacher"}
+    cfg = config(teacher=teacher)
+    with pytest.raises(ModelNotAvailable, match="no-such-teacher"):
+        check_command(cfg, "rollout", store)
+    check_command(cfg, "index", store)  # the index does not read the teacher
+    # Once the teacher's stages are built, rollouts, training and the pipeline need no teacher.
+    build(store, plan_pipeline(store, cfg, ("trajectories",)), "index", "prefixes", "trajectories")
+    for command in ("rollout", "train", "run"):
+        check_command(cfg, command, store)
+    # A pinned rollout reads nothing either, even in a fresh home.
+    pinned_home = ArtifactStore(tmp_path / "pinned")
+    trajectories = plan_pipeline(store, cfg, ("trajectories",))["trajectories"].ref
+    build(pinned_home, plan_pipeline(pinned_home, cfg, ("trajectories",)), "trajectories")
+    assert pinned_home.exists(trajectories)
+    pinned = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"artifact": trajectories.id}),
+                                    "cot_student": cfg.cot_student.model_copy(update={"enabled": False})})
+    check_command(pinned, "train", pinned_home)
+    # An unknown student base model fails the train check, naming it.
+    bad_student = pinned.model_copy(update={"train": pinned.train.model_copy(update={"base_model": "no-such-student"})})
+    with pytest.raises(ModelNotAvailable, match="no-such-student"):
+        check_command(bad_student, "train", pinned_home)

@@ -9,11 +9,11 @@ import sys
 import pyarrow as pa
 import pytest
 
-from evaluation.datasets import DatasetConfig
 from evaluation.evaluate import EvalConfig
 from evaluation.grading import GRADER_VERSION
 from evaluation.metrics import compute_metrics
 from flows.cli import main
+from questions.datasets import DatasetConfig
 from storage.catalog import read_table
 from storage.schemas import METRICS, PREDICTIONS
 from storage.store import ArtifactStore

@@ -9,7 +9,7 @@ from flows.config import PipelineConfig
 from flows.evaluate import shard_pins
 from storage.catalog import query
 from storage.errors import UserError
-from tasks.evaluate import ShardPin
+from tasks.shard_worker import ShardPin
 from tests.flows.test_resume import write_inputs
 
 

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from retrieval_fixtures import ARTICLES, article_records, write_jsonl
 
+from models.resolve import ModelNotAvailable
 from retrieval.corpus import CorpusConfig, CorpusError, join_contents
 from retrieval.embed import E5_PREFIXES, Embedder, prefixes_for
 from retrieval.index import (
@@ -25,7 +26,6 @@ from retrieval.index import (
     to_gpus,
 )
 from retrieval.retriever import format_results, web_search
-from storage.models import ModelNotAvailable
 
 TITLES = list(ARTICLES)
 

@@ -6,7 +6,7 @@ import time
 import pytest
 from prefect import flow, task
 
-from evaluation.datasets import DatasetError
+from questions.datasets import DatasetError
 from retrieval.retriever import RetrieverUnavailable
 from tasks.evaluate import evaluate_shard
 from tasks.index import build_index

@@ -171,7 +171,7 @@ def test_smollm2_student_trains_from_the_embedded_gguf(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from storage.models import resolve_model
+    from models.resolve import resolve_model
 
     cfg = TrainConfig(epochs=1, max_steps=2, max_length=512, per_device_batch_size=2, grad_accum=2)
     metrics = train_lora(cfg, make_examples(8), tmp_path)

@@ -1,91 +1,22 @@
-"""Kernel-level isolation of the sandbox worker, and the wire protocol between host and worker.
+"""Kernel-level isolation of the sandbox worker: namespaces, the chroot jail, uid nobody, rlimits.
 
-This is the security boundary of the sandbox (the Python-level guard in ``sandbox_guard.py`` is
-defence in depth): resource limits, Linux namespaces, a chroot jail on a private tmpfs and an
+This is the security boundary of the sandbox (the Python-level guard in ``guard.py`` is defence
+in depth): resource limits, Linux namespaces, a chroot jail on a private tmpfs and an
 unprivileged user.  Everything here degrades gracefully: each step is attempted, and what was
 really applied is reported (``Sandbox.isolation()``), never assumed.
 
-Standard library only, and no imports from the project: the worker runs this file as a plain
-module next to ``sandbox_worker.py`` (see there), and the host imports it as
-``agent_runtime.sandbox_os`` for the framing functions.
+Standard library only, and no imports from the project: the worker process imports it without
+the rest of the project (see ``host._BOOTSTRAP``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import resource
-import struct
+import signal
 import sys
 
-# --------------------------------------------------------------------------------------------
-# Wire protocol: a frame is (header length, blob length) as two big-endian uint32, a UTF-8 JSON
-# header, then an opaque binary blob.  JSON, never pickle, crosses the process boundary towards
-# the host: a compromised worker can send the host nothing but data.
-# --------------------------------------------------------------------------------------------
-
-_LENGTHS = struct.Struct(">II")
-MAX_HEADER_BYTES = 16 << 20
-MAX_BLOB_BYTES = 512 << 20
-
-
-class ProtocolError(Exception):
-    """A peer sent bytes that are not a well-formed frame."""
-
-
-def encode_frame(header: dict, blob: bytes = b"") -> bytes:
-    """Serialise one frame; ``header`` must be JSON-serialisable."""
-    head = json.dumps(header, ensure_ascii=False).encode("utf-8")
-    return _LENGTHS.pack(len(head), len(blob)) + head + blob
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """Write every byte to a blocking file descriptor (``os.write`` may write less)."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-class FrameBuffer:
-    """Incremental frame decoder: feed it whatever ``read`` returned, get complete frames back."""
-
-    def __init__(self) -> None:
-        self._data = bytearray()
-
-    def feed(self, chunk: bytes) -> list[tuple[dict, bytes]]:
-        """Append ``chunk`` and return every frame now complete; raises ProtocolError on garbage."""
-        self._data += chunk
-        frames = []
-        while len(self._data) >= _LENGTHS.size:
-            head_len, blob_len = _LENGTHS.unpack_from(self._data)
-            if head_len > MAX_HEADER_BYTES or blob_len > MAX_BLOB_BYTES:
-                raise ProtocolError(f"frame too large (header {head_len} B, blob {blob_len} B)")
-            end = _LENGTHS.size + head_len + blob_len
-            if len(self._data) < end:
-                break
-            head = bytes(self._data[_LENGTHS.size : _LENGTHS.size + head_len])
-            blob = bytes(self._data[_LENGTHS.size + head_len : end])
-            del self._data[:end]
-            try:
-                header = json.loads(head.decode("utf-8"))
-            except (ValueError, RecursionError) as exc:
-                raise ProtocolError(f"malformed frame header: {exc}") from exc
-            if not isinstance(header, dict) or not isinstance(header.get("op"), str):
-                raise ProtocolError("frame header is not an object with an 'op'")
-            frames.append((header, blob))
-        return frames
-
-    @property
-    def partial(self) -> bool:
-        """True while bytes of an incomplete frame are buffered."""
-        return bool(self._data)
-
-
-# --------------------------------------------------------------------------------------------
 # Linux primitives through libc (Python 3.11 has no os.unshare; mount/chroot flags are not in os).
-# --------------------------------------------------------------------------------------------
-
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
@@ -245,6 +176,24 @@ def apply_rlimits(*, cpu_time_s: int, memory_mb: int, file_size_mb: int) -> None
     # NPROC counts every process of the user: 0 forbids fork for any non-root user.  (Root ignores
     # it, which is one reason the action drops to nobody first.)
     resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+
+
+def confine_action_process(work_dir: str, drop_uid: bool, cfg: dict, keep_fd: int) -> None:
+    """Confine a freshly forked action process (before any untrusted input is touched): only
+    ``keep_fd`` stays open, the working directory is ``work_dir``, then uid nobody (if
+    ``drop_uid``), no_new_privs, death with the parent and the rlimits of ``cfg``."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # the zygote's pipes to the host must not be reachable from the action
+        os.dup2(devnull, fd)
+    os.closerange(3, keep_fd)
+    os.closerange(max(keep_fd + 1, 3), os.sysconf("SC_OPEN_MAX"))
+    os.chdir(work_dir)
+    if drop_uid:
+        drop_privileges()
+    set_no_new_privs()
+    set_parent_death_signal(signal.SIGKILL)  # after the uid change, which clears it
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write raises OSError instead
+    apply_rlimits(cpu_time_s=cfg["cpu_time_s"], memory_mb=cfg["memory_mb"], file_size_mb=cfg["file_size_mb"])
 
 
 def address_space_mb() -> float:

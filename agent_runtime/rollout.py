@@ -5,7 +5,10 @@ module is what they share. Questions are assigned to parts by a pure function of
 (``part_of``), each part is run as one batched population and written as one Parquet part per
 table, so an interrupted run resumes by skipping the parts whose files exist.
 
-    rows = run_questions(questions, kind="math", generator=g, sandbox=s, agent=cfg, ...)
+The caller passes the grader (``evaluation.grading.grade``): grading is evaluation's, and the agent
+runtime does not import it.
+
+    rows = run_questions(questions, kind="math", generator=g, sandbox=s, agent=cfg, grade=grade, ...)
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent_runtime.engine import AgentConfig, AgentTask, Episode, run_agent
-from evaluation.datasets import DatasetConfig, Question
-from evaluation.grading import grade
+from questions.datasets import DatasetConfig, Question
+
+# grade(prediction, gold, kind, error=...) -> a verdict with correct, score, method, excluded, pred_norm,
+# gold_norm, em and f1: ``evaluation.grading.grade``.
+Grader = Callable[..., Any]
 
 # The demo teacher rollouts read the built-in training splits; evaluation reads the test splits.
 TRAIN_SETS = (
@@ -78,12 +85,13 @@ def run_questions(
     generator,
     sandbox,
     agent: AgentConfig,
+    grade: Grader,
     samples: int = 1,
     prefixes: dict[str, str] | None = None,
     labels: dict | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Rows:
-    """Run ``samples`` episodes per question as one population, grade them, return their rows.
+    """Run ``samples`` episodes per question as one population, grade them (``grade``), return their rows.
 
     ``labels`` (model, method, ...) are copied into every episode row. ``prefixes`` maps question id to a
     first-thought prefix (FTP).
@@ -95,12 +103,12 @@ def run_questions(
     rows = Rows([], [])
     for episode in episodes:
         question = by_id[episode.question_id]
-        rows.episodes.append(episode_row(episode, question, kind, labels or {}))
+        rows.episodes.append(episode_row(episode, question, kind, labels or {}, grade))
         rows.steps.extend(step_rows(episode, question))
     return rows
 
 
-def episode_row(episode: Episode, question: Question, kind: str, labels: dict) -> dict:
+def episode_row(episode: Episode, question: Question, kind: str, labels: dict, grade: Grader) -> dict:
     verdict = grade(episode.prediction, question.gold, kind, error=episode.error)
     return {
         **labels,
@@ -128,13 +136,3 @@ def step_rows(episode: Episode, question: Question) -> list[dict]:
         "candidates_json": json.dumps(record.candidates, ensure_ascii=False, default=str),
         "vote_json": json.dumps(record.vote, ensure_ascii=False, default=str),
     } for record in episode.steps]
-
-
-def with_limit(cfg: DatasetConfig, limit: int | None) -> DatasetConfig:
-    """``cfg`` restricted to its first ``limit`` questions (the tighter of both limits)."""
-    if limit is None:
-        return cfg
-    return cfg.model_copy(update={"limit": min(limit, cfg.limit) if cfg.limit else limit})
-
-
-

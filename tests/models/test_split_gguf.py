@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from storage import model_files
-from storage.model_files import SplitGguf
+from models import split_gguf
+from models.split_gguf import SplitGguf
 
 
 @pytest.fixture
@@ -46,46 +46,46 @@ def split_model(tmp_path, monkeypatch) -> SplitGguf:
 
 
 def test_parts_are_assembled_verified_and_then_trusted(split_model):
-    path, action = model_files.install(split_model)
-    assert action == "assembled" and path == Path(model_files.model_cache()) / "tiny.gguf"
-    assert model_files.sha256_of(path) == split_model.sha256
-    assert model_files.ready_path(split_model) == path
+    path, action = split_gguf.install(split_model)
+    assert action == "assembled" and path == Path(split_gguf.model_cache()) / "tiny.gguf"
+    assert split_gguf.sha256_of(path) == split_model.sha256
+    assert split_gguf.ready_path(split_model) == path
     assert not list(path.parent.glob("*.partial-*"))  # no temporary file left
-    assert model_files.install(split_model)[1] == "verified"
+    assert split_gguf.install(split_model)[1] == "verified"
 
 
 def test_one_changed_byte_is_detected_reported_and_reassembled(split_model):
-    path, _ = model_files.install(split_model)
+    path, _ = split_gguf.install(split_model)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(model_files.ModelFileError, match=r"SHA-256 .* \(corrupted\); run `distillery models "
+    with pytest.raises(split_gguf.ModelFileError, match=r"SHA-256 .* \(corrupted\); run `distillery models "
                                                          r"install tiny` to assemble it again"):
-        model_files.ready_path(split_model)
-    path2, action = model_files.install(split_model)
+        split_gguf.ready_path(split_model)
+    path2, action = split_gguf.install(split_model)
     assert action.startswith("re-assembled (") and "corrupted" in action
-    assert model_files.sha256_of(path2) == split_model.sha256
+    assert split_gguf.sha256_of(path2) == split_model.sha256
 
 
 def test_missing_parts_say_what_to_run(split_model, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", [p for p in sys.path if not p.endswith("site")])
-    with pytest.raises(model_files.ModelFileError, match=r"3 of its 3 wheel parts are not installed\); run "
+    with pytest.raises(split_gguf.ModelFileError, match=r"3 of its 3 wheel parts are not installed\); run "
                                                          r"`distillery models install tiny` \(or `make setup`\)"):
-        model_files.ready_path(split_model)
+        split_gguf.ready_path(split_model)
 
 
 def test_parts_that_do_not_give_the_pinned_file_leave_nothing_in_the_cache(split_model):
     wrong = SplitGguf(**{**split_model.__dict__, "sha256": "0" * 64})
-    with pytest.raises(model_files.ModelFileError, match="do not give the pinned file"):
-        model_files.install(wrong)
-    assert not model_files.assembled_path(wrong).exists()
-    assert not list(model_files.model_cache().glob("*.partial-*"))
+    with pytest.raises(split_gguf.ModelFileError, match="do not give the pinned file"):
+        split_gguf.install(wrong)
+    assert not split_gguf.assembled_path(wrong).exists()
+    assert not list(split_gguf.model_cache().glob("*.partial-*"))
 
 
 def test_a_file_with_another_header_name_is_rejected(split_model):
-    model_files.install(split_model)
+    split_gguf.install(split_model)
     renamed = SplitGguf(**{**split_model.__dict__, "general_name": "Something Else"})
-    assert "is GGUF 'Tiny Test Model', expected 'Something Else'" in model_files.verify(renamed)
+    assert "is GGUF 'Tiny Test Model', expected 'Something Else'" in split_gguf.verify(renamed)
 
 
 @pytest.mark.slow
@@ -97,4 +97,4 @@ def test_distillery_models_lists_the_three_generative_models_verified():
     assert rows["smollm2-135m-instruct"]["state"] == "installed", result.stdout
     for spec in ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"):
         assert rows[spec]["state"] == "verified (size, SHA-256, header)", result.stdout
-        assert Path(rows[spec]["path"]).stat().st_size == model_files.SPLIT_GGUFS[spec].size
+        assert Path(rows[spec]["path"]).stat().st_size == split_gguf.SPLIT_GGUFS[spec].size

@@ -2,7 +2,7 @@
 
 Defence in depth, not the boundary.  Pure-Python sandboxes are known to leak (numpy can read
 and write raw memory, sympy evaluates strings), so the kernel-level isolation in
-``sandbox_os.py`` is what contains a determined attacker; this layer turns the common and the
+``isolation.py`` is what contains a determined attacker; this layer turns the common and the
 obvious attempts into a clear ``forbidden`` observation before anything runs:
 
 - ``check_code``: parse, then reject imports outside the allowlist, dunder and private
@@ -17,7 +17,7 @@ obvious attempts into a clear ``forbidden`` observation before anything runs:
   numpy, ``lambdify``, ``operator.attrgetter``, ...).
 - ``patch_libraries``: makes the string evaluators of sympy and typing run the same check.
 
-Standard library only and no project imports: the worker loads this file as a plain module.
+Standard library only and no project imports: the worker imports it without the rest of the project.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Episode state of the sandbox: how an action's variables reach the next step.
 
 Each action runs in a fresh process, so the variables of an episode travel as bytes between
-steps (``EpisodeState`` in ``sandbox.py`` holds them; the host never unpickles them).  A state
+steps (``EpisodeState`` in ``host.py`` holds them; the host never unpickles them).  A state
 records each variable in the cheapest form that brings it back:
 
 - ``stars``: modules star-imported (``from sympy import *``), re-imported first;
@@ -28,7 +28,7 @@ import sys
 import types
 from dataclasses import dataclass, field
 
-from agent_runtime.sandbox_guard import (
+from agent_runtime.sandbox.guard import (
     GuardedModule,
     ImportPolicy,
     check_code,

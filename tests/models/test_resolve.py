@@ -2,7 +2,7 @@
 
 import pytest
 
-from storage.models import ModelNotAvailable, resolve_embedder, resolve_model
+from models.resolve import ModelNotAvailable, resolve_embedder, resolve_model
 
 
 def test_embedded_specs_resolve_to_installed_files():

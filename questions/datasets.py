@@ -1,7 +1,7 @@
 """Load question sets into :class:`Question` records and fingerprint them for artifact ids.
 
 Sources:
-- ``builtin:arith`` / ``builtin:facts``: the project's own sets (see ``evaluation/builtin.py``).
+- ``builtin:arith`` / ``builtin:facts``: the project's own sets (see ``questions/builtin.py``).
 - ``*.json``: the layout released with the paper's code,
   ``{"metadata": {...}, "examples": [{"id", "question", "answer", ...}, ...]}``.
 - ``*.jsonl``: one example object per line.
@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from evaluation import builtin
+from questions import builtin
 from storage.errors import UserError
 
 BUILTIN_KINDS: dict[str, Literal["math", "qa"]] = {"builtin:arith": "math", "builtin:facts": "qa"}
@@ -114,6 +114,13 @@ def load_dataset(cfg: DatasetConfig) -> list[Question]:
         records = read_records(path)
         questions = _to_questions(records, path, cfg)
     return questions[: cfg.limit] if cfg.limit is not None else questions
+
+
+def with_limit(cfg: DatasetConfig, limit: int | None) -> DatasetConfig:
+    """``cfg`` restricted to its first ``limit`` questions (the tighter of both limits)."""
+    if limit is None:
+        return cfg
+    return cfg.model_copy(update={"limit": min(limit, cfg.limit) if cfg.limit else limit})
 
 
 def dataset_fingerprint(cfg: DatasetConfig) -> str:

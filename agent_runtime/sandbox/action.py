@@ -1,6 +1,6 @@
 """What runs inside the process of one action: state in, code run, observation and state out.
 
-The process is already confined (``sandbox_worker._enter_child``) when ``run_action`` starts.
+The process is already confined (``isolation.confine_action_process``) when ``run_action`` starts.
 Prints go to a bounded buffer that becomes the observation; ``final_answer`` and ``web_search``
 are provided as builtins; any exception becomes an "Error: ..." observation naming the line, in
 the style of smolagents, with the error kind the engine needs.
@@ -8,14 +8,12 @@ the style of smolagents, with the error kind the engine needs.
 
 from __future__ import annotations
 
-import collections
-import socket
 import sys
 import types
 from dataclasses import dataclass
 from typing import NoReturn
 
-from agent_runtime.sandbox_guard import (
+from agent_runtime.sandbox.guard import (
     ACTION_FILENAME,
     ForbiddenCode,
     ForbiddenError,
@@ -23,8 +21,8 @@ from agent_runtime.sandbox_guard import (
     check_code,
     make_builtins,
 )
-from agent_runtime.sandbox_os import FrameBuffer, encode_frame
-from agent_runtime.sandbox_state import restore_state, save_state, step_bindings
+from agent_runtime.sandbox.protocol import Channel
+from agent_runtime.sandbox.state import restore_state, save_state, step_bindings
 
 MAX_QUERY_CHARS = 4000
 
@@ -77,28 +75,6 @@ class FinalAnswerSignal(BaseException):
 @dataclass
 class _Outcome:
     final_answer: str | None = None
-
-
-class Channel:
-    """The action process's end of its socket to the zygote."""
-
-    def __init__(self, sock: socket.socket):
-        self._sock = sock
-        self._buffer = FrameBuffer()
-        self._pending: collections.deque = collections.deque()
-
-    def send(self, header: dict, blob: bytes = b"") -> None:
-        self._sock.sendall(encode_frame(header, blob))
-
-    def request(self, header: dict) -> dict:
-        """Send ``header`` and block until the reply frame arrives."""
-        self.send(header)
-        while not self._pending:
-            chunk = self._sock.recv(1 << 20)
-            if not chunk:
-                raise ConnectionError("the sandbox supervisor went away")
-            self._pending.extend(self._buffer.feed(chunk))
-        return self._pending.popleft()[0]
 
 
 def _make_tools(outcome: _Outcome, channel: Channel, has_search: bool) -> dict[str, object]:

@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.models import ModelNotAvailable
+from models.resolve import ModelNotAvailable
 
 CHUNK_BYTES = 8 << 20
 

@@ -1,7 +1,7 @@
 """Sandbox worker process: a warm "zygote" that forks one short-lived process per action.
 
-``Sandbox`` (sandbox.py) starts it as ``python -s -P -c BOOTSTRAP <agent_runtime dir> <config json>``
-with an empty environment; host and worker speak frames (``sandbox_os``) over stdin/stdout.
+``Sandbox`` (``host.py``) starts it as ``python -s -P -c BOOTSTRAP <sandbox package dir> <config json>``
+with an empty environment; host and worker speak frames (``protocol.py``) over stdin/stdout.
 
 Start-up, once per worker:
 1. enter new namespaces (net + mount + pid as root) and fork, so the zygote is pid 1 of its pid
@@ -11,8 +11,9 @@ Start-up, once per worker:
 3. build the chroot jail; probe that the per-action privilege drop and limits really apply;
 4. send "ready" with what was applied.
 
-Then, for each "run" frame, fork a child that drops to nobody, sets the rlimits, restores the
-episode state, checks and runs the code, saves the new state and reports back.  The zygote relays
+Then, for each "run" frame, fork a child that drops to nobody and sets the rlimits
+(``isolation.confine_action_process``), then restores the episode state, checks and runs the
+code, saves the new state and reports back (``action.run_action``).  The zygote relays
 ``web_search`` requests to the host, enforces the wall-clock limit and turns a killed or crashed
 child into a result.  A fresh process per action means nothing an action does (monkeypatching a
 module, reseeding the RNG, leaking memory, crashing) reaches the next one, and the zygote itself
@@ -34,10 +35,10 @@ import time
 import traceback
 from typing import NoReturn
 
-from agent_runtime import sandbox_os as osi
-from agent_runtime.sandbox_action import Channel, run_action
-from agent_runtime.sandbox_guard import ImportPolicy, patch_libraries
-from agent_runtime.sandbox_os import FrameBuffer, ProtocolError, encode_frame
+from agent_runtime.sandbox import isolation as osi
+from agent_runtime.sandbox.action import run_action
+from agent_runtime.sandbox.guard import ImportPolicy, patch_libraries
+from agent_runtime.sandbox.protocol import Channel, FrameBuffer, ProtocolError, encode_frame, write_all
 
 EXIT_MEMORY = 86  # the action process ran out of memory outside user code
 EXIT_FAILED = 87  # the action process could not set itself up or report
@@ -48,27 +49,10 @@ CHILD_EXIT_GRACE_S = 2.0
 _PRELOAD = ("_strptime", "numpy.random", "numpy.linalg", "numpy.fft", "numpy.polynomial")
 
 
-def _enter_child(work_dir: str, drop_uid: bool, cfg: dict, keep_fd: int) -> None:
-    """Confine the freshly forked action process (before any untrusted input is touched)."""
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):  # the zygote's pipes to the host must not be reachable from the action
-        os.dup2(devnull, fd)
-    os.closerange(3, keep_fd)
-    os.closerange(max(keep_fd + 1, 3), os.sysconf("SC_OPEN_MAX"))
-    os.chdir(work_dir)
-    if drop_uid:
-        osi.drop_privileges()
-    osi.set_no_new_privs()
-    osi.set_parent_death_signal(signal.SIGKILL)  # after the uid change, which clears it
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write raises OSError instead
-    osi.apply_rlimits(cpu_time_s=cfg["cpu_time_s"], memory_mb=cfg["memory_mb"],
-                      file_size_mb=cfg["file_size_mb"])
-
-
 def _child_main(sock: socket.socket, work_dir: str, code: str, blob: bytes, zygote: Zygote) -> NoReturn:
     status = EXIT_FAILED
     try:
-        _enter_child(work_dir, zygote.drop_uid, zygote.cfg, sock.fileno())
+        osi.confine_action_process(work_dir, zygote.drop_uid, zygote.cfg, sock.fileno())
         channel = Channel(sock)
         header, new_blob = run_action(code, blob, zygote.cfg, zygote.policy, channel, work_dir)
         channel.send(header, new_blob)
@@ -183,13 +167,13 @@ class Zygote:
         raise RuntimeError("the per-action confinement (rlimits, prctl) fails in this environment")
 
     def _probe_once(self, work_dir: str, drop_uid: bool) -> int:
-        """Exit code of a process put through ``_enter_child``: 0 (fork blocked), PROBE_FORK_ALLOWED,
-        anything else when the set-up failed."""
+        """Exit code of a process put through ``confine_action_process``: 0 (fork blocked),
+        PROBE_FORK_ALLOWED, anything else when the set-up failed."""
         pid = os.fork()
         if pid == 0:
             code = EXIT_FAILED
             try:
-                _enter_child(work_dir, drop_uid, self.cfg, keep_fd=-1)
+                osi.confine_action_process(work_dir, drop_uid, self.cfg, keep_fd=-1)
                 try:
                     grandchild = os.fork()
                 except OSError:
@@ -227,7 +211,7 @@ class Zygote:
 
     def serve(self) -> None:
         """Answer "run" frames until the host closes stdin."""
-        osi.write_all(1, encode_frame({"op": "ready", "isolation": self.isolation}))
+        write_all(1, encode_frame({"op": "ready", "isolation": self.isolation}))
         while True:
             while not self._pending:
                 if not self._read_host():
@@ -235,7 +219,7 @@ class Zygote:
             header, blob = self._pending.popleft()
             if header["op"] == "run":  # anything else is a late reply to a finished action
                 result, new_blob = self._run(header["code"], blob)
-                osi.write_all(1, encode_frame(result, new_blob))
+                write_all(1, encode_frame(result, new_blob))
 
     def _run(self, code: str, blob: bytes) -> tuple[dict, bytes]:
         work_dir = self._new_work_dir(self.drop_uid)
@@ -289,7 +273,7 @@ class Zygote:
                     if header["op"] == "search" and not waiting_for_host and is_query:
                         budget -= time.monotonic() - started
                         waiting_for_host = True
-                        osi.write_all(1, encode_frame({"op": "search", "query": header["query"]}))
+                        write_all(1, encode_frame({"op": "search", "query": header["query"]}))
                     elif header["op"] == "result":
                         result = (header, data)
                     elif header["op"] == "failed":
@@ -355,7 +339,7 @@ def main(config_json: str) -> None:
             _become_pid_one()
         zygote = Zygote(cfg, namespaces, flags)
     except BaseException:  # noqa: BLE001 - any start-up failure goes to the host as "fatal"
-        osi.write_all(1, encode_frame({"op": "fatal", "error": traceback.format_exc()[-4000:]}))
+        write_all(1, encode_frame({"op": "fatal", "error": traceback.format_exc()[-4000:]}))
         raise SystemExit(1) from None
     zygote.serve()
     os._exit(0)  # skip interpreter teardown: nothing to flush, and sympy's is slow
