@@ -3,7 +3,8 @@
 A malformed dataset, corpus, model file or adapter folder is found here, in a second, instead of after
 Prefect has started and a task has loaded a model. What is checked is what the run's plan
 (``flows.plans``) still has to build: the CLI runs ``check_command`` before it starts any flow, and each
-flow checks its own plan first, so a deployment run with bad parameters fails before its first task too. Every failure is a ``UserError`` whose message names the file (and line) or the key.
+flow checks its own plan first, so a deployment run with bad parameters fails before its first task too.
+Every failure is a ``UserError`` whose message names the file (and line) or the key.
 
 What is read: every question of every dataset; the first ``PREFLIGHT_DOCUMENTS`` documents of the
 corpus (a malformed record further into a multi-GB corpus is still found by the index task, which does
@@ -48,19 +49,18 @@ def check_plan(plan: PipelinePlan, cfg: PipelineConfig) -> None:
     So a pipeline whose rollouts are pinned (``rollout.artifact``) or already built never needs the
     teacher's model, and a built index never re-reads its corpus.
     """
-    for name in plan.stages:
-        if not plan.missing(name):
-            continue
+    missing = [name for name in plan.stages if plan.missing(name)]
+    if "index" in missing:
+        check_index_inputs(cfg)
+    if {"prefixes", "trajectories"} & set(missing):  # both run the teacher over the training questions
+        check_backend(cfg.teacher)
+        check_datasets(cfg.rollout.datasets, cfg.rollout.limit)
+    for name in missing:
         stage, _, kind = name.partition("/")
-        if stage == "index":
-            check_index_inputs(cfg)
-        elif stage in ("prefixes", "trajectories"):  # the teacher over the training questions
-            check_backend(cfg.teacher)
-            check_datasets(cfg.rollout.datasets, cfg.rollout.limit)
-        elif stage == "adapters":
+        if stage == "adapters":
             resolve_model(train_config(cfg, kind).base_model)
-        elif stage == "evals":
-            check_evaluate_inputs(cfg)
+    if "evals" in missing:
+        check_evaluate_inputs(cfg)
 
 
 def check_index_inputs(cfg: PipelineConfig) -> None:
