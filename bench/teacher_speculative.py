@@ -30,24 +30,15 @@ from bench.agent import arithmetic_tasks, generated_tokens
 
 
 def server_params(spec: str, port: int, draft_max: int):
+    """The project's llama.cpp server settings for the teacher (one slot), plus the speculative ones."""
     import xllamacpp as xlc
 
     from agent_runtime.backends.llamacpp_backend import gguf_path
+    from agent_runtime.backends.llamacpp_server import build_params
 
-    params = xlc.CommonParams()
-    params.model.path = str(gguf_path("qwen2.5-coder-1.5b-instruct"))
-    params.model_alias = "teacher"
-    params.hostnames = ["127.0.0.1"]
-    params.port = port
-    params.n_parallel = 1
-    params.n_ctx = 4096
-    params.cont_batching = True
-    params.cache_prompt = True
-    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 2
-    params.n_batch, params.n_ubatch = 2048, 512
-    params.warmup = False
-    params.endpoint_metrics = True
-    params.verbosity = 0
+    params = build_params(argparse.Namespace(
+        model=str(gguf_path("qwen2.5-coder-1.5b-instruct")), alias="teacher", host="127.0.0.1", port=port,
+        slots=1, ctx_per_slot=4096, threads=2, cache_ram_mib=2048, slot_save_path=None, quiet=True, lora=None))
     kinds = xlc.common_speculative_type
     if spec == "draft":
         params.speculative.types = [kinds.COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE]
@@ -72,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     import xllamacpp as xlc
 
     from agent_runtime.backends import BackendConfig
+    from agent_runtime.backends.llamacpp_backend import server_counters
     from agent_runtime.backends.openai_backend import OpenAIGenerator
     from agent_runtime.engine import AgentConfig, run_agent
     from agent_runtime.sandbox import Sandbox, SandboxConfig
@@ -85,11 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         episodes = run_agent(tasks, generator, sandbox, AgentConfig(prompt="teacher", max_steps=2, max_new_tokens=128))
         seconds = time.perf_counter() - start
-    counters = {}
-    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
-        if line.startswith("llamacpp:") and "{" not in line:
-            name, value = line.split()
-            counters[name.removeprefix("llamacpp:")] = float(value)
+    counters = server_counters(httpx.get(f"{base}/metrics", timeout=10).text)
     del server
     tokens = generated_tokens(episodes)
     print(json.dumps({"spec": args.spec, "seconds": round(seconds, 1), "episodes_per_s": round(len(tasks) / seconds, 4),

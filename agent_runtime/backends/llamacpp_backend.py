@@ -61,6 +61,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def server_counters(metrics: str) -> dict[str, float]:
+    """The unlabelled ``llamacpp:`` counters of a server's Prometheus ``/metrics`` text, by name without
+    the prefix (``prompt_tokens_total``, ``tokens_predicted_seconds_total``, ...)."""
+    counters = {}
+    for line in metrics.splitlines():
+        if line.startswith("llamacpp:") and "{" not in line:
+            name, value = line.split()
+            counters[name.removeprefix("llamacpp:")] = float(value)
+    return counters
+
+
 def cpu_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -130,8 +141,8 @@ class LlamaCppGenerator:
             text = self._client._client.get(f"{self.base_url}/metrics", timeout=10).text
         except httpx.HTTPError:
             return None
-        return next((int(float(line.split()[-1])) for line in text.splitlines()
-                     if line.startswith("llamacpp:prompt_tokens_total ")), None)
+        processed = server_counters(text).get("prompt_tokens_total")
+        return None if processed is None else int(processed)
 
     def close(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 10 s) and close the client."""

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from agent_runtime.backends import BackendConfig, make_generator
-from agent_runtime.backends.llamacpp_backend import gguf_path
+from agent_runtime.backends.llamacpp_backend import gguf_path, server_counters
 from agent_runtime.backends.lora_gguf import AdapterError, convert, permute_rows
 from agent_runtime.generation import GenerationError, Request, Sampling
 
@@ -44,6 +44,16 @@ def smollm2_pair(module: str, out_rows: int, in_cols: int, r: int = 2, seed: int
     key = f"base_model.model.model.layers.0.self_attn.{module}"
     return {f"{key}.lora_A.weight": rng.standard_normal((r, in_cols), dtype=np.float32),
             f"{key}.lora_B.weight": rng.standard_normal((out_rows, r), dtype=np.float32)}
+
+
+def test_server_counters_reads_the_unlabelled_llamacpp_counters():
+    metrics = ("# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.\n"
+               "# TYPE llamacpp:prompt_tokens_total counter\n"
+               "llamacpp:prompt_tokens_total 1765\n"
+               "llamacpp:tokens_predicted_seconds_total 105.358\n"
+               'llamacpp:spec_decode_num_accepted_tokens_per_pos_total{position="0"} 106\n'
+               "process_cpu_seconds_total 12\n")
+    assert server_counters(metrics) == {"prompt_tokens_total": 1765.0, "tokens_predicted_seconds_total": 105.358}
 
 
 def test_permute_rows_interleaves_the_rotary_halves_of_each_head():
