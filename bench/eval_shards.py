@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TARGET = 1.6
 CORPUS = [
-    ("Arithmetic", "Arithmetic is the branch of mathematics that studies addition, subtraction, "
-                   "multiplication and division of numbers."),
+    ("Arithmetic", ("Arithmetic is the branch of mathematics that studies addition, subtraction, "
+                    "multiplication and division of numbers.")),
     ("Percentage", "A percentage is a number expressed as a fraction of 100; 20% of 50 is 10."),
     ("Interest", "Simple interest is the principal multiplied by the rate and the number of periods."),
     ("Average", "The arithmetic mean of a list of numbers is their sum divided by how many there are."),

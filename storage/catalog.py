@@ -41,7 +41,7 @@ def check_parquet(path: Path) -> str | None:
     """None when ``path`` is a readable Parquet file, else the reason it is not."""
     try:
         pq.read_metadata(path)
-    except Exception as exc:  # pyarrow raises several types for a truncated or foreign file
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a truncated or foreign file
         return f"{type(exc).__name__}: {exc}"
     return None
 

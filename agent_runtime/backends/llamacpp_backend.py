@@ -88,7 +88,8 @@ class LlamaCppGenerator:
 
             lora = gguf_adapter_for(Path(cfg.adapter), model)
         self.name = f"llamacpp:{cfg.model}" + (f"+{Path(cfg.adapter).name}" if cfg.adapter else "")
-        self._log = tempfile.NamedTemporaryFile(prefix="llamacpp-", suffix=".log", delete=False)
+        log_fd, log_path = tempfile.mkstemp(prefix="llamacpp-", suffix=".log")
+        self._log_path = Path(log_path)  # the server's stderr, read back for errors
         self._slot_dir = tempfile.mkdtemp(prefix="llamacpp-slots-")
         self._shared: set[str] = set()  # system messages already in every slot
         port = free_port()
@@ -98,7 +99,8 @@ class LlamaCppGenerator:
                "--cache-ram-mib", str(cfg.cache_ram_mib), "--slot-save-path", self._slot_dir, "--quiet"]
         if lora is not None:
             cmd += ["--lora", str(lora)]
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        with os.fdopen(log_fd, "w") as log:  # the child keeps its own copy of the descriptor
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
         self.base_url = self._wait_ready()
         client_cfg = cfg.model_copy(update={"base_url": f"{self.base_url}/v1", "concurrency": cfg.slots})
         self._client = OpenAIGenerator(client_cfg, continue_mode="prefill")
@@ -156,8 +158,7 @@ class LlamaCppGenerator:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-        self._log.close()
-        Path(self._log.name).unlink(missing_ok=True)
+        self._log_path.unlink(missing_ok=True)
         shutil.rmtree(self._slot_dir, ignore_errors=True)
 
     def _wait_ready(self) -> str:
@@ -193,5 +194,5 @@ class LlamaCppGenerator:
 
     def _log_tail(self, lines: int = 5) -> str:
         time.sleep(0.1)  # let the child's last write land
-        tail = Path(self._log.name).read_text(errors="replace").strip().splitlines()[-lines:]
+        tail = self._log_path.read_text(errors="replace").strip().splitlines()[-lines:]
         return ("; its last log lines: " + " | ".join(tail)) if tail else ""

@@ -16,7 +16,7 @@ COMMANDS = {"run", "index", "prefixes", "rollout", "train", "evaluate", "query",
 def cli(*args, home=None):
     env_home = ["--home", str(home)] if home else []
     return subprocess.run([sys.executable, "-m", "flows.cli", *env_home, *args], capture_output=True, text=True,
-                          timeout=300)
+                          check=False, timeout=300)
 
 
 def test_help_lists_every_command_quickly():
