@@ -462,7 +462,7 @@ def train_lora(
     continues from the newest complete checkpoint (same data order, optimizer, scheduler, RNG).
     ``on_step(step, last_step, loss)`` is called on the main process after every optimizer step.
     Returns the metrics: steps, tokens, final_loss, tokens_per_s, examples, dropped, truncated,
-    tokenizer_fingerprint (plus total_steps, step_time_s, loop_s and checkpoint_s, the seconds of
+    tokenizer_fingerprint, mixed_precision (plus total_steps, step_time_s, loop_s and checkpoint_s, the seconds of
     this session's loop and of its checkpoint writes; tokens_per_s counts both).
     Raises ValueError for an empty training set, TemplateError for an unusable chat template,
     NonFiniteLossError when the loss diverges.
@@ -489,6 +489,9 @@ def train_lora(
         "dropped": run.data.dropped,
         "truncated": run.data.truncated,
         "tokenizer_fingerprint": tokenizer_fingerprint(run.tokenizer),
+        # what ``auto`` precision resolved to on this machine ("bf16" or "no"): it is not part of the
+        # artifact id, so the same id trained on CPUs with and without native bf16 differs in its numerics
+        "mixed_precision": str(accelerator.mixed_precision),
     }
     if accelerator.is_main_process:
         write_losses(progress.losses, out_dir / "losses.parquet", out_dir / "loss.png")

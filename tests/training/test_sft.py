@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from devices.precision import cpu_has_native_bf16
 from storage.schemas import LOSSES
 from tests.training.conftest import make_examples
 from training.checkpoints import MARKER, checkpoint_path, latest_checkpoint
@@ -117,6 +118,7 @@ def test_artifact_files_and_adapter_generates(tiny_student, tmp_path):
     assert {"steps", "tokens", "final_loss", "tokens_per_s", "examples", "dropped", "truncated",
             "tokenizer_fingerprint"} <= set(metrics)
     assert metrics["steps"] == 6 and metrics["examples"] == 12 and metrics["tokens_per_s"] > 0
+    assert metrics["mixed_precision"] == ("bf16" if cpu_has_native_bf16() else "no")
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
