@@ -1,6 +1,8 @@
 """The study's results table from an artifact home: every evaluation artifact's metrics (one per method,
 made with ``distillery evaluate --methods NAME``), written as ``metrics.csv``, a Markdown table beside the
-paper's Qwen2.5-0.5B rows (``table.md``) and a plot (``accuracy.png``).
+paper's Qwen2.5-0.5B rows (``table.md``) and a plot (``accuracy.png``). Rows run on the first N questions of
+each set only (the teacher's, SAG) are also compared with their baseline on the same questions
+(``paired.csv`` and a second table in ``table.md``).
 
     python results/cpu-study/study_table.py --home /path/to/home --out results/cpu-study
 
@@ -32,6 +34,15 @@ select m.method, m.model, m.dataset, m.n, round(100 * m.accuracy, 1) as accuracy
 from metrics m join artifacts a on a.id = m.artifact_id and a.stage = 'evals'
 order by m.method, m.dataset
 """
+# (row, baseline): a row evaluated on fewer questions is compared with its baseline on the questions both have.
+PAIRS = (("agent-distilled+sag", "agent-distilled"), ("teacher-agent", "agent-distilled"), ("teacher-cot", "cot"))
+PAIRED_SQL = """
+select a.method, b.method as baseline, a.dataset, count(*) as n,
+       round(100 * avg(a.correct::int), 1) as accuracy, round(100 * avg(b.correct::int), 1) as baseline_accuracy
+from predictions a join predictions b on a.dataset = b.dataset and a.question_id = b.question_id
+where a.method = '{row}' and b.method = '{baseline}' and not a.excluded and not b.excluded
+group by all order by a.dataset
+"""
 
 
 def main() -> int:
@@ -49,6 +60,16 @@ def main() -> int:
         writer.writerows(rows)
     cells = {(r[0], r[2]): (r[4], r[3]) for r in rows}
     table = markdown(cells)
+    paired = [r for row, base in PAIRS if row in seen and base in seen
+              for r in query(args.home, PAIRED_SQL.format(row=row, baseline=base))[1]]
+    with (args.out / "paired.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("method", "baseline", "dataset", "n", "accuracy", "baseline_accuracy"))
+        writer.writerows(paired)
+    if paired:
+        table += ("\nOn the same questions (rows run on the first questions of each set only):\n\n"
+                  "| method | baseline | dataset | n | accuracy | baseline accuracy |\n|---|---|---|---:|---:|---:|\n"
+                  + "".join(f"| {' | '.join(str(v) for v in r)} |\n" for r in paired))
     (args.out / "table.md").write_text(table)
     print(table)
     plot(cells, args.out / "accuracy.png")
