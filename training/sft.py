@@ -462,8 +462,8 @@ def train_lora(
     continues from the newest complete checkpoint (same data order, optimizer, scheduler, RNG).
     ``on_step(step, last_step, loss)`` is called on the main process after every optimizer step.
     Returns the metrics: steps, tokens, final_loss, tokens_per_s, examples, dropped, truncated,
-    tokenizer_fingerprint, mixed_precision (plus total_steps, step_time_s, loop_s and checkpoint_s, the seconds of
-    this session's loop and of its checkpoint writes; tokens_per_s counts both).
+    tokenizer_fingerprint, mixed_precision (plus total_steps, step_time_s, loop_s and checkpoint_s, the
+    seconds of this session's loop and of its checkpoint writes; tokens_per_s counts both).
     Raises ValueError for an empty training set, TemplateError for an unusable chat template,
     NonFiniteLossError when the loss diverges.
     """
