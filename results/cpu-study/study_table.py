@@ -36,6 +36,7 @@ order by m.method, m.dataset
 """
 # (row, baseline): a row evaluated on fewer questions is compared with its baseline on the questions both have.
 PAIRS = (("agent-distilled+sag", "agent-distilled"), ("teacher-agent", "agent-distilled"), ("teacher-cot", "cot"))
+PAIRED_COLUMNS = ("method", "baseline", "dataset", "n", "accuracy", "baseline_accuracy")
 PAIRED_SQL = """
 select a.method, b.method as baseline, a.dataset, count(*) as n,
        round(100 * avg(a.correct::int), 1) as accuracy, round(100 * avg(b.correct::int), 1) as baseline_accuracy
@@ -64,11 +65,11 @@ def main() -> int:
               for r in query(args.home, PAIRED_SQL.format(row=row, baseline=base))[1]]
     with (args.out / "paired.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(("method", "baseline", "dataset", "n", "accuracy", "baseline_accuracy"))
+        writer.writerow(PAIRED_COLUMNS)
         writer.writerows(paired)
     if paired:
         table += ("\nOn the same questions (rows run on the first questions of each set only):\n\n"
-                  "| method | baseline | dataset | n | accuracy | baseline accuracy |\n|---|---|---|---:|---:|---:|\n"
+                  f"| {' | '.join(PAIRED_COLUMNS)} |\n|---|---|---|---:|---:|---:|\n"
                   + "".join(f"| {' | '.join(str(v) for v in r)} |\n" for r in paired))
     (args.out / "table.md").write_text(table)
     print(table)
