@@ -70,11 +70,23 @@ def main() -> int:
     if paired:
         table += ("\nOn the same questions (rows run on the first questions of each set only):\n\n"
                   f"| {' | '.join(PAIRED_COLUMNS)} |\n|---|---|---|---:|---:|---:|\n"
-                  + "".join(f"| {' | '.join(str(v) for v in r)} |\n" for r in paired))
+                  + "".join(f"| {' | '.join(str(v) for v in r)} |\n" for r in paired_with_averages(paired)))
     (args.out / "table.md").write_text(table)
     print(table)
     plot(cells, args.out / "accuracy.png")
     return 0
+
+
+def paired_with_averages(paired: list) -> list:
+    """The paired rows, each (row, baseline) followed by its mean over the held-out columns once it has all."""
+    out = []
+    for key in dict.fromkeys((r[0], r[1]) for r in paired):
+        group = [r for r in paired if (r[0], r[1]) == key]
+        out += group
+        if {r[2] for r in group} == set(COLUMNS):
+            out.append((*key, "**average**", sum(r[3] for r in group),
+                        *(f"**{sum(r[i] for r in group) / len(group):.1f}**" for i in (4, 5))))
+    return out
 
 
 def average(cells: dict, method: str) -> float | None:
@@ -105,9 +117,14 @@ def plot(cells: dict, path: Path) -> None:
     methods = [m for m in ROWS if any((m, c) in cells for c in COLUMNS)]
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(8, 3.8))
+    full = {c: max(n for (_, col), (_, n) in cells.items() if col == c) for c in COLUMNS if any(k[1] == c for k in cells)}
     for i, method in enumerate(methods):
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(COLUMNS))]
-        ax.bar(xs, [cells.get((method, c), (0, 0))[0] for c in COLUMNS], width=width, label=method)
+        sizes = [cells[(method, c)][1] for c in COLUMNS if (method, c) in cells]
+        subset = any(cells[(method, c)][1] < full[c] for c in COLUMNS if (method, c) in cells)
+        # a row run on the first questions of each set only is hatched and says so: not the same questions
+        ax.bar(xs, [cells.get((method, c), (0, 0))[0] for c in COLUMNS], width=width, hatch="//" if subset else None,
+               label=f"{method} (first {min(sizes)} per set)" if subset else method)
     ax.set_xticks(range(len(COLUMNS)), COLUMNS)
     ax.set_ylabel("accuracy, %")
     ax.set_title("Qwen2.5-Coder-1.5B agent distilled into Qwen2.5-Coder-0.5B (held-out sets)")
