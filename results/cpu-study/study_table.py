@@ -83,16 +83,21 @@ def paired_with_averages(paired: list) -> list:
     for key in dict.fromkeys((r[0], r[1]) for r in paired):
         group = [r for r in paired if (r[0], r[1]) == key]
         out += group
-        if {r[2] for r in group} == set(COLUMNS):
-            out.append((*key, "**average**", sum(r[3] for r in group),
-                        *(f"**{sum(r[i] for r in group) / len(group):.1f}**" for i in (4, 5))))
+        means = [column_mean({r[2]: r[i] for r in group}) for i in (4, 5)]
+        if None not in means:
+            out.append((*key, "**average**", sum(r[3] for r in group), *(f"**{m:.1f}**" for m in means)))
     return out
 
 
-def average(cells: dict, method: str) -> float | None:
-    """The mean accuracy over the held-out columns, or None while a column is missing."""
-    values = [cells[(method, c)][0] for c in COLUMNS if (method, c) in cells]
+def column_mean(by_column: dict) -> float | None:
+    """The mean of one value per held-out column, or None while a column is missing."""
+    values = [by_column[c] for c in COLUMNS if c in by_column]
     return round(sum(values) / len(values), 1) if len(values) == len(COLUMNS) else None
+
+
+def average(cells: dict, method: str) -> float | None:
+    """A method's mean accuracy over the held-out columns, or None while a column is missing."""
+    return column_mean({c: acc for (m, c), (acc, _) in cells.items() if m == method})
 
 
 def markdown(cells: dict) -> str:
@@ -117,14 +122,16 @@ def plot(cells: dict, path: Path) -> None:
     methods = [m for m in ROWS if any((m, c) in cells for c in COLUMNS)]
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(8, 3.8))
-    full = {c: max(n for (_, col), (_, n) in cells.items() if col == c) for c in COLUMNS if any(k[1] == c for k in cells)}
+    full: dict[str, int] = {}  # the largest n evaluated per column: a whole set
+    for (_, column), (_, n) in cells.items():
+        full[column] = max(full.get(column, 0), n)
     for i, method in enumerate(methods):
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(COLUMNS))]
-        sizes = [cells[(method, c)][1] for c in COLUMNS if (method, c) in cells]
-        subset = any(cells[(method, c)][1] < full[c] for c in COLUMNS if (method, c) in cells)
+        sizes = {c: cells[(method, c)][1] for c in COLUMNS if (method, c) in cells}
+        subset = any(n < full[c] for c, n in sizes.items())
         # a row run on the first questions of each set only is hatched and says so: not the same questions
         ax.bar(xs, [cells.get((method, c), (0, 0))[0] for c in COLUMNS], width=width, hatch="//" if subset else None,
-               label=f"{method} (first {min(sizes)} per set)" if subset else method)
+               label=f"{method} (first {min(sizes.values())} per set)" if subset else method)
     ax.set_xticks(range(len(COLUMNS)), COLUMNS)
     ax.set_ylabel("accuracy, %")
     ax.set_title("Qwen2.5-Coder-1.5B agent distilled into Qwen2.5-Coder-0.5B (held-out sets)")
