@@ -35,7 +35,8 @@ from metrics m join artifacts a on a.id = m.artifact_id and a.stage = 'evals'
 order by m.method, m.dataset
 """
 # (row, baseline): a row evaluated on fewer questions is compared with its baseline on the questions both have.
-PAIRS = (("agent-distilled+sag", "agent-distilled"), ("teacher-agent", "agent-distilled"), ("teacher-cot", "cot"))
+PAIRS = (("agent-distilled+sag", "agent-distilled"), ("teacher-agent", "agent-distilled"), ("teacher-cot", "cot"),
+         ("teacher-cot", "agent-distilled"))
 PAIRED_COLUMNS = ("method", "baseline", "dataset", "n", "accuracy", "baseline_accuracy")
 PAIRED_SQL = """
 select a.method, b.method as baseline, a.dataset, count(*) as n,
