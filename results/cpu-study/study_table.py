@@ -21,13 +21,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from storage.catalog import query
 
-ROWS = ("cot", "agent", "cot-distilled", "cot-distilled+rag", "agent-distilled", "agent-distilled+sag",
-        "teacher-cot", "teacher-agent")
+ROWS = (
+    "cot",
+    "agent",
+    "cot-distilled",
+    "cot-distilled+rag",
+    "agent-distilled",
+    "agent-distilled+sag",
+    "teacher-cot",
+    "teacher-agent",
+)
 COLUMNS = ("arith", "facts", "gsm-hard", "bamboogle")
 # Kang et al. (NeurIPS 2025), Table 2, Qwen2.5-0.5B-Instruct student, average over the eight benchmarks,
 # and its GSM-Hard column (the only held-out column the study shares with the paper's table).
-PAPER = {"cot": (11.1, 25.6), "agent": (1.8, None), "cot-distilled": (13.6, None),
-         "agent-distilled": (19.2, None), "agent-distilled+sag": (21.9, 40.8)}
+PAPER = {
+    "cot": (11.1, 25.6),
+    "agent": (1.8, None),
+    "cot-distilled": (13.6, None),
+    "agent-distilled": (19.2, None),
+    "agent-distilled+sag": (21.9, 40.8),
+}
 SQL = """
 select m.method, m.model, m.dataset, m.n, round(100 * m.accuracy, 1) as accuracy, m.parse_error_rate,
        m.mean_steps, m.tokens_per_question, m.artifact_id
@@ -35,8 +48,12 @@ from metrics m join artifacts a on a.id = m.artifact_id and a.stage = 'evals'
 order by m.method, m.dataset
 """
 # (row, baseline): a row evaluated on fewer questions is compared with its baseline on the questions both have.
-PAIRS = (("agent-distilled+sag", "agent-distilled"), ("teacher-agent", "agent-distilled"), ("teacher-cot", "cot"),
-         ("teacher-cot", "agent-distilled"))
+PAIRS = (
+    ("agent-distilled+sag", "agent-distilled"),
+    ("teacher-agent", "agent-distilled"),
+    ("teacher-cot", "cot"),
+    ("teacher-cot", "agent-distilled"),
+)
 PAIRED_COLUMNS = ("method", "baseline", "dataset", "n", "accuracy", "baseline_accuracy")
 PAIRED_SQL = """
 select a.method, b.method as baseline, a.dataset, count(*) as n,
@@ -62,16 +79,22 @@ def main() -> int:
         writer.writerows(rows)
     cells = {(r[0], r[2]): (r[4], r[3]) for r in rows}
     table = markdown(cells)
-    paired = [r for row, base in PAIRS if row in seen and base in seen
-              for r in query(args.home, PAIRED_SQL.format(row=row, baseline=base))[1]]
+    paired = [
+        r
+        for row, base in PAIRS
+        if row in seen and base in seen
+        for r in query(args.home, PAIRED_SQL.format(row=row, baseline=base))[1]
+    ]
     with (args.out / "paired.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(PAIRED_COLUMNS)
         writer.writerows(paired)
     if paired:
-        table += ("\nOn the same questions (rows run on the first questions of each set only):\n\n"
-                  f"| {' | '.join(PAIRED_COLUMNS)} |\n|---|---|---|---:|---:|---:|\n"
-                  + "".join(f"| {' | '.join(str(v) for v in r)} |\n" for r in paired_with_averages(paired)))
+        table += (
+            "\nOn the same questions (rows run on the first questions of each set only):\n\n"
+            f"| {' | '.join(PAIRED_COLUMNS)} |\n|---|---|---|---:|---:|---:|\n"
+            + "".join(f"| {' | '.join(str(v) for v in r)} |\n" for r in paired_with_averages(paired))
+        )
     (args.out / "table.md").write_text(table)
     print(table)
     plot(cells, args.out / "accuracy.png")
@@ -102,15 +125,26 @@ def average(cells: dict, method: str) -> float | None:
 
 
 def markdown(cells: dict) -> str:
-    head = "| method | " + " | ".join(f"{c}" for c in COLUMNS) + " | average | paper avg (0.5B) | paper GSM-Hard |"
+    head = (
+        "| method | "
+        + " | ".join(f"{c}" for c in COLUMNS)
+        + " | average | paper avg (0.5B) | paper GSM-Hard |"
+    )
     lines = [head, "|---|" + "---:|" * (len(COLUMNS) + 3)]
     for method in ROWS:
-        row = [f"{cells[(method, c)][0]:.1f} (n={cells[(method, c)][1]})" if (method, c) in cells else "—"
-               for c in COLUMNS]
+        row = [
+            f"{cells[(method, c)][0]:.1f} (n={cells[(method, c)][1]})" if (method, c) in cells else "—"
+            for c in COLUMNS
+        ]
         mean = average(cells, method)
         paper = PAPER.get(method, (None, None))
-        lines.append(f"| {method} | " + " | ".join(row) + f" | {'—' if mean is None else f'{mean:.1f}'} | "
-                     + " | ".join("—" if p is None else f"{p:.1f}" for p in paper) + " |")
+        lines.append(
+            f"| {method} | "
+            + " | ".join(row)
+            + f" | {'—' if mean is None else f'{mean:.1f}'} | "
+            + " | ".join("—" if p is None else f"{p:.1f}" for p in paper)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -131,8 +165,13 @@ def plot(cells: dict, path: Path) -> None:
         sizes = {c: cells[(method, c)][1] for c in COLUMNS if (method, c) in cells}
         subset = any(n < full[c] for c, n in sizes.items())
         # a row run on the first questions of each set only is hatched and says so: not the same questions
-        ax.bar(xs, [cells.get((method, c), (0, 0))[0] for c in COLUMNS], width=width, hatch="//" if subset else None,
-               label=f"{method} (first {min(sizes.values())} per set)" if subset else method)
+        ax.bar(
+            xs,
+            [cells.get((method, c), (0, 0))[0] for c in COLUMNS],
+            width=width,
+            hatch="//" if subset else None,
+            label=f"{method} (first {min(sizes.values())} per set)" if subset else method,
+        )
     ax.set_xticks(range(len(COLUMNS)), COLUMNS)
     ax.set_ylabel("accuracy, %")
     ax.set_title("Qwen2.5-Coder-1.5B agent distilled into Qwen2.5-Coder-0.5B (held-out sets)")
