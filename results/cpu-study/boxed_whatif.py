@@ -22,19 +22,17 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from agent_runtime.parsing import last_boxed
-from evaluation.grading import grade
-from questions.datasets import ALIASES_KEY
-from storage.catalog import query
+from evaluation.regrade import dataset_kinds, regrade_predictions
+from storage.catalog import read_table
+from storage.store import ArtifactStore
 
 METHODS = ("agent", "agent-distilled", "teacher-agent")
-KINDS = {"arith": "math", "gsm-hard": "math", "facts": "qa", "bamboogle": "qa"}
-SQL = """
-select method, dataset, question_id, gold, prediction, error, metadata_json, steps_json
-from predictions where method in {methods} and not excluded order by method, dataset, question_id
-"""
 COLUMNS = ("method", "dataset", "n", "accuracy", "accuracy_boxed_ends", "episodes_ended_by_box")
 
 
@@ -48,26 +46,47 @@ def boxed_answer(steps: list[dict]) -> str | None:
     return None
 
 
+def ended_at_box(predictions: pa.Table) -> tuple[pa.Table, list[bool]]:
+    """``predictions`` as they would be had a boxed prose answer ended each episode, and which it ended."""
+    answers = [boxed_answer(json.loads(s or "[]")) for s in predictions.column("steps_json").to_pylist()]
+    ended = [a is not None for a in answers]
+    prediction = [
+        a if e else p for a, e, p in zip(answers, ended, predictions.column("prediction").to_pylist())
+    ]
+    error = [None if e else x for e, x in zip(ended, predictions.column("error").to_pylist())]
+    table = predictions.set_column(
+        predictions.schema.get_field_index("prediction"), "prediction", pa.array(prediction, pa.string())
+    )
+    table = table.set_column(table.schema.get_field_index("error"), "error", pa.array(error, pa.string()))
+    return table, ended
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     args = parser.parse_args()
-    _, rows = query(args.home, SQL.format(methods=METHODS))
+    store = ArtifactStore(args.home)
     tally: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-    for method, dataset, _question_id, gold, prediction, error, metadata_json, steps_json in rows:
-        metadata = json.loads(metadata_json or "{}")
-        gold = metadata.get(ALIASES_KEY) or gold
-        kind = KINDS[dataset]
-        ran = grade(prediction, gold, kind, error=error)
-        answer = boxed_answer(json.loads(steps_json or "[]"))
-        ended = answer is not None
-        whatif = grade(answer, gold, kind) if ended else ran
-        counts = tally[method, dataset]
-        counts[0] += 1
-        counts[1] += ran.correct
-        counts[2] += whatif.correct
-        counts[3] += ended
+    for manifest in store.list("evals"):
+        ref = store.ref("evals", manifest["id"])
+        predictions = read_table(ref.path, "predictions")
+        predictions = predictions.filter(pc.is_in(predictions.column("method"), pa.array(METHODS)))
+        if not predictions.num_rows:
+            continue
+        # Both verdicts as the evaluation grades (its datasets' kinds, alias lists, errors), by this grader.
+        kinds = dataset_kinds(manifest)
+        whatif, ended = ended_at_box(predictions)
+        ran = regrade_predictions(predictions, kinds, ref.id).to_pylist()
+        boxed = regrade_predictions(whatif, kinds, ref.id).to_pylist()
+        for row, row_boxed, by_box in zip(ran, boxed, ended):
+            if row["excluded"]:
+                continue
+            counts = tally[row["method"], row["dataset"]]
+            counts[0] += 1
+            counts[1] += row["correct"]
+            counts[2] += row_boxed["correct"]
+            counts[3] += by_box
     table = [
         (method, dataset, n, round(100 * ok / n, 1), round(100 * ok_boxed / n, 1), ended)
         for (method, dataset), (n, ok, ok_boxed, ended) in sorted(tally.items())
