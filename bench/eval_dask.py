@@ -45,10 +45,10 @@ def config(corpus: Path, questions: int, max_steps: int, max_new_tokens: int, ru
 
 
 def timed_evaluation(cfg, home: Path) -> tuple[float, str]:
-    from flows.evaluate import evaluate_flow
+    from flows.pipeline import run_stage_flow
 
     started = time.perf_counter()
-    ref = evaluate_flow(cfg, home=str(home))
+    ref = run_stage_flow("evaluate", cfg, str(home))["evaluate"]
     return time.perf_counter() - started, ref.id
 
 
@@ -70,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             with dask_cluster(2, logs, env=worker_env) as address:
                 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-                from flows.index import index_flow
+                from flows.pipeline import run_stage_flow
 
                 seconds, rows = {}, {}
                 with temporary_settings(updates={PREFECT_API_URL: api_url}):
-                    index_flow(config(corpus, args.questions, args.max_steps, args.max_new_tokens, "threads", None),
-                               home=str(home))  # built before the timing
+                    run_stage_flow("index", config(corpus, args.questions, args.max_steps, args.max_new_tokens,
+                                                   "threads", None), str(home))  # built before the timing
                     for runner in ("threads", "dask"):
                         cfg = config(corpus, args.questions, args.max_steps, args.max_new_tokens, runner,
                                      address if runner == "dask" else None)

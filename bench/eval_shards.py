@@ -54,10 +54,10 @@ def config(corpus: Path, questions: int, max_steps: int, max_new_tokens: int, sh
 
 
 def timed_evaluation(cfg, home: Path) -> tuple[float, str]:
-    from flows.evaluate import evaluate_flow
+    from flows.pipeline import run_stage_flow
 
     start = time.perf_counter()
-    ref = evaluate_flow(cfg, home=str(home))
+    ref = run_stage_flow("evaluate", cfg, str(home))["evaluate"]
     return time.perf_counter() - start, ref.id
 
 
@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         home, corpus = Path(tmp) / "home", Path(tmp) / "corpus.jsonl"
         corpus.write_text("".join(json.dumps({"id": str(i), "title": t, "text": x}) + "\n"
                                   for i, (t, x) in enumerate(CORPUS)))
-        from flows.index import index_flow
+        from flows.pipeline import run_stage_flow
 
         one = config(corpus, args.questions, args.max_steps, args.max_new_tokens, shards=1)
-        index_flow(one, home=str(home))  # built (and Prefect started) before the timing
+        run_stage_flow("index", one, str(home))  # built (and Prefect started) before the timing
         seconds, ids, rows = {}, {}, {}
         for shards in (1, 2):
             cfg = config(corpus, args.questions, args.max_steps, args.max_new_tokens, shards=shards)

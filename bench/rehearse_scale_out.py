@@ -148,9 +148,9 @@ def report(home: Path, logs: Path, ok: bool, seconds: float) -> None:
     store = ArtifactStore(home)
     for manifest in store.list():
         print(f"  {manifest['stage']:<13} {manifest['id']}  rows {manifest.get('row_counts', {})}")
-    adapters = store.list("adapters")
+    adapters = store.list("train")
     if adapters:
-        checkpoints = home / "adapters" / adapters[-1]["id"] / "checkpoints"
+        checkpoints = home / "train" / adapters[-1]["id"] / "checkpoints"
         ranks = {p.name for p in checkpoints.glob("step-*/random_states_*.pkl")}
         print(f"  adapter trained by {len(ranks)} processes ({adapters[-1]['metrics']['steps']} steps, "
               f"{adapters[-1]['metrics']['tokens']} tokens)")

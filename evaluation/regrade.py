@@ -26,7 +26,7 @@ from storage.catalog import read_table
 from storage.schemas import METRICS, PREDICTIONS, conform
 from storage.store import ArtifactError, ArtifactRef, ArtifactStore
 
-STAGE = "evals"
+STAGE = "evaluate"
 
 
 @dataclass(frozen=True)

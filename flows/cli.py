@@ -14,7 +14,12 @@ import os
 import sys
 from pathlib import Path
 
-STAGES = ("run", "index", "prefixes", "rollout", "train", "evaluate")
+from flows import stages
+
+
+def stage_commands() -> tuple[str, ...]:
+    """The commands that build stages (they run under ``flows.supervisor``): ``run`` and one per stage."""
+    return ("run", *(s.name for s in stages.STAGES))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,17 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     stage("run", "run the whole pipeline (every stage, cached by artifact id)")
-    stage("index", "build (or reuse) the retrieval index and print its id")
-    stage("prefixes", "build (or reuse) the first-thought prefixes (FTP) of the teacher")
-    rollout = stage("rollout", "generate, grade and store teacher trajectories")
-    rollout.add_argument("--limit", type=int, help="take only the first N questions of each dataset")
-    train = stage("train", "LoRA-fine-tune the student on the filtered trajectories")
+    for entry in stages.STAGES:
+        stage(entry.name, entry.summary)
+    for name in ("rollout", "evaluate"):
+        commands.choices[name].add_argument("--limit", type=int,
+                                            help="take only the first N questions of each dataset")
+    train = commands.choices["train"]
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     train.add_argument("--launcher", choices=("inline", "accelerate"), default="inline",
                        help="inline: in this process; accelerate: `accelerate launch` in a subprocess")
     train.add_argument("--accelerate-config", type=Path, help="accelerate config (see configs/accelerate/)")
-    evaluate = stage("evaluate", "evaluate baselines and students, sharded; write metrics and a report")
-    evaluate.add_argument("--limit", type=int, help="take only the first N questions of each dataset")
+    evaluate = commands.choices["evaluate"]
     evaluate.add_argument("--methods", help="only these methods of the config, comma-separated names "
                                             "(e.g. cot,agent); each selection is its own evaluation artifact")
     evaluate.add_argument("--runner", choices=("threads", "processes", "dask"), default=None,
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from flows import commands
 
-        if args.command in STAGES:
+        if args.command in stage_commands():
             from flows.supervisor import run_stage
 
             return run_stage(lambda: commands.dispatch(args), quiet_tracebacks=not args.debug)

@@ -14,11 +14,13 @@ from storage.store import ArtifactStore, default_root
 
 
 def dispatch(args) -> int:
+    from flows.cli import stage_commands
+
+    if args.command in stage_commands():
+        return build(args)
     handler = {
-        "regrade": regrade,
-        "query": query, "artifacts": artifacts, "run": run, "index": index, "prefixes": prefixes,
-        "rollout": rollout, "train": train, "evaluate": evaluate, "serve": serve, "server": server, "sandbox": sandbox,
-        "retriever": retriever, "models": models,
+        "regrade": regrade, "query": query, "artifacts": artifacts, "serve": serve, "server": server,
+        "sandbox": sandbox, "retriever": retriever, "models": models,
     }[args.command]
     return handler(args)
 
@@ -112,7 +114,7 @@ def regrade(args) -> int:
     result = regrade_evaluation(store(), args.id)
     print_summary(store(), {"evaluation": result.ref})
     state = "existed already" if result.cached else "written"
-    print(f"\nre-graded {result.predictions} predictions of evals/{result.source.id} with grader version "
+    print(f"\nre-graded {result.predictions} predictions of evaluate/{result.source.id} with grader version "
           f"{GRADER_VERSION}: {result.changed} verdicts changed (artifact {state})")
     return 0
 
@@ -121,12 +123,7 @@ def regrade(args) -> int:
 
 def load(args, limits: dict | None = None, methods: list[str] | None = None):
     """The pipeline config of ``--config``/``--set``; ``limits`` adds overrides for options like --limit,
-    ``methods`` keeps only these evaluation methods (by name, in the config's order).
-
-    The inputs the command will read (datasets, corpus, models, adapters) are checked here, before any
-    flow starts (see ``flows.checks``).
-    """
-    from flows.checks import check_command
+    ``methods`` keeps only these evaluation methods (by name, in the config's order)."""
     from flows.config import PipelineConfig
     from flows.settings import load_config
 
@@ -134,83 +131,73 @@ def load(args, limits: dict | None = None, methods: list[str] | None = None):
     cfg = load_config(PipelineConfig, args.config, [*args.overrides, *extra])
     if methods:
         cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.only_methods(methods)})
-    check_command(cfg, args.command, store())
     return cfg
 
 
-def run(args) -> int:
-    from flows.plans import cached_pipeline
+def build(args) -> int:
+    """``distillery run`` or ``distillery <stage>``: build what the plan misses, print what was built.
+
+    The inputs the command will read (datasets, corpus, models, adapters) are checked first, before any flow
+    starts (``flows.plans.check_plan``). Without a Prefect server there is no run history to record, so a
+    plan that is complete is reported from the store without starting Prefect's ephemeral API (which alone
+    takes ~15 s to start).
+    """
+    from flows.plans import check_plan, plan_pipeline
+    from flows.stages import PIPELINE, StageOptions
     from flows.summary import print_summary
 
-    cfg = load(args)
-    # As for `index`: without a Prefect server a finished pipeline is reported from the store,
-    # without starting Prefect's ephemeral API.
-    cached = None if os.environ.get("PREFECT_API_URL") else cached_pipeline(store(), cfg)
-    if cached is not None:
-        print_summary(store(), cached)
-        print("(cached: every stage with this config already exists)", file=sys.stderr)
+    cfg = load(args, *stage_flags(args))
+    targets = PIPELINE if args.command == "run" else (args.command,)
+    plan = plan_pipeline(store(), cfg, targets)
+    check_plan(plan, cfg)
+    home = str(store().root)
+    if args.command == "run":
+        if not os.environ.get("PREFECT_API_URL") and plan.complete():
+            results = plan.results()
+            print("(cached: every stage with this config already exists)", file=sys.stderr)
+        else:
+            from flows.pipeline import pipeline_flow
+
+            results = pipeline_flow(cfg=cfg, home=home)
+        print_summary(store(), results)
         return 0
-    from flows.pipeline import pipeline_flow
-
-    print_summary(store(), pipeline_flow(cfg=cfg, home=str(store().root)))
-    return 0
-
-
-def index(args) -> int:
-    from flows.plans import plan_pipeline
-
-    cfg = load(args)
-    plan = plan_pipeline(store(), cfg, ("index",))
-    # Without a Prefect server there is no run history to record: a finished index is reported
-    # without starting Prefect's ephemeral API (which alone takes ~15 s to start).
     if not os.environ.get("PREFECT_API_URL") and plan.complete():
-        print_ref(plan.ref("index"))
-        print("(cached: the index with this config and corpus already exists)", file=sys.stderr)
-        return 0
-    from flows.index import index_flow
+        refs = plan.of(args.command)
+        print(f"(cached: {args.command} with this config already exists)", file=sys.stderr)
+    else:
+        from flows.pipeline import run_stage_flow
 
-    print_ref(index_flow(cfg, home=str(store().root)))
+        refs = run_stage_flow(args.command, cfg, home, StageOptions(**launch_options(args)))
+    if args.command == "evaluate":
+        print_summary(store(), {"evaluation": refs["evaluate"]})
+    else:
+        for ref in refs.values():
+            print_ref(ref)
     return 0
 
 
-def prefixes(args) -> int:
-    from flows.rollout import prefixes_flow
-
-    print_ref(prefixes_flow(load(args), home=str(store().root)))
-    return 0
-
-
-def rollout(args) -> int:
-    from flows.rollout import rollout_flow
-
-    cfg = load(args, limits={"rollout.limit": args.limit})
-    print_ref(rollout_flow(cfg, home=str(store().root)))
-    return 0
+def stage_flags(args) -> tuple[dict, list[str] | None]:
+    """The config overrides a stage command's own flags make (``--limit``), and ``--methods``."""
+    limits = {}
+    if args.command in ("rollout", "evaluate") and args.limit is not None:
+        limits[f"{args.command}.limit"] = args.limit
+    if args.command == "evaluate":
+        limits |= {"evaluate.runner": args.runner, "evaluate.address": args.address}
+        if args.methods:
+            return limits, [name.strip() for name in args.methods.split(",") if name.strip()]
+    return limits, None
 
 
-def train(args) -> int:
-    from flows.train import train_flow
-
+def launch_options(args) -> dict:
+    """``train``'s --resume and --launcher accelerate --accelerate-config."""
+    if args.command != "train":
+        return {}
     if args.launcher == "accelerate" and not args.accelerate_config:
         raise UserError("--launcher accelerate needs --accelerate-config PATH (see configs/accelerate/)")
     if args.launcher == "accelerate" and not args.accelerate_config.is_file():
         raise UserError(f"accelerate config not found: {args.accelerate_config} (see configs/accelerate/)")
     config = str(args.accelerate_config.resolve()) if args.launcher == "accelerate" else None
-    adapters = train_flow(load(args), home=str(store().root), resume=args.resume, accelerate_config=config)
-    for ref in adapters.values():
-        print_ref(ref)
-    return 0
-
-
-def evaluate(args) -> int:
-    from flows.evaluate import evaluate_flow
-    from flows.summary import print_summary
-
-    limits = {"evaluate.limit": args.limit, "evaluate.runner": args.runner, "evaluate.address": args.address}
-    methods = [name.strip() for name in args.methods.split(",") if name.strip()] if args.methods else None
-    ref = evaluate_flow(load(args, limits=limits, methods=methods), home=str(store().root))
-    print_summary(store(), {"evaluation": ref})
-    return 0
+    return {"resume": args.resume, "accelerate_config": config}
 
 
 def serve(args) -> int:

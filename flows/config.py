@@ -9,11 +9,12 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent_runtime.backends import BackendConfig
+from agent_runtime.prefixes import PrefixConfig
 from agent_runtime.rollout import RolloutConfig
 from agent_runtime.sandbox import SandboxConfig
 from evaluation.evaluate import EvalConfig
-from evaluation.prefixes import PrefixConfig
 from flows.reeval_config import ReevalConfig
+from questions.datasets import with_limit
 from retrieval.index import IndexConfig
 from tasks.resources import SearchConfig
 from training.data import SftDataConfig
@@ -46,6 +47,18 @@ class PipelineConfig(BaseModel):
     cot_student: CotStudentConfig = Field(CotStudentConfig(), description="the CoT-distilled baseline student")
     evaluate: EvalConfig = Field(EvalConfig(), description="held-out evaluation of baselines and students")
     reevaluate: ReevalConfig = Field(ReevalConfig(), description="the scheduled re-evaluation deployment")
+
+    def student_kinds(self) -> tuple[str, ...]:
+        """The distilled students this config trains: ``agent``, and ``cot`` when the CoT baseline is enabled."""
+        return ("agent", "cot") if self.cot_student.enabled else ("agent",)
+
+    def train_config(self, kind: str) -> TrainConfig:
+        """The LoRA settings of the ``kind`` student."""
+        return self.cot_student.train if kind == "cot" else self.train
+
+    def rollout_datasets(self) -> tuple:
+        """The training questions the teacher answers (the prefixes and rollout stages), limits applied."""
+        return tuple(with_limit(d, self.rollout.limit) for d in self.rollout.datasets)
 
     @model_validator(mode="after")
     def _one_student(self) -> PipelineConfig:

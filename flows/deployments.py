@@ -14,8 +14,9 @@ Two ways to run them:
   and returns; ``prefect worker start --pool NAME --type process`` on any machine with distillery
   installed and the artifact root mounted runs them.
 
-Entrypoints are module paths (``flows.index.index_flow``), so a worker loads the flows from the
-installed package, whatever its working directory.
+Entrypoints are module paths (``flows.pipeline.stage_flow``: every stage's deployment runs it under
+the stage's name, with its ``stage`` parameter set), so a worker loads the flows from the installed
+package, whatever its working directory.
 """
 
 from __future__ import annotations
@@ -29,13 +30,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
 
+from flows import stages
 from flows.config import PipelineConfig
-from flows.evaluate import evaluate_flow
-from flows.index import index_flow
-from flows.pipeline import pipeline_flow
-from flows.rollout import prefixes_flow, rollout_flow
+from flows.pipeline import pipeline_flow, resolve_config, run_stage_flow, stage_flow
 from flows.settings import ConfigError, Profile, load_config, profile_path
-from flows.train import train_flow
+from flows.stages import StageOptions
 from storage.catalog import read_table
 from storage.store import ArtifactError, ArtifactRef, ArtifactStore, default_root
 
@@ -44,24 +43,27 @@ DEPLOYMENT_NAME = "distillery"
 
 
 @flow(name="reevaluate", log_prints=True)
-def reevaluate_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = None) -> dict[str, ArtifactRef]:
+def reevaluate_flow(profile: Profile = "demo", cfg: PipelineConfig | None = None,
+                    home: str | None = None) -> dict[str, ArtifactRef]:
     """Evaluate stored adapters (``cfg.reevaluate.adapters``, default: the newest) on the benchmarks.
 
     Each adapter is evaluated with the ``evaluate`` methods that use its kind of student (agent or CoT),
     on ``cfg.reevaluate.datasets`` (default: ``cfg.evaluate.datasets``). Returns one ``evals`` artifact
     per adapter id and publishes a markdown summary keyed ``reevaluate-latest``.
     """
+    cfg = resolve_config(profile, cfg=cfg)
     store = ArtifactStore(home or default_root())
     ids = cfg.reevaluate.adapters or (newest_adapter(store),)
     results = {}
     for adapter_id in ids:
         adapter = store.resolve(adapter_id)
-        if adapter.stage != "adapters":
+        if adapter.stage != "train":
             raise ConfigError(f"reevaluate.adapters: {adapter_id!r} is a {adapter.stage} artifact, "
                               "not an adapter")
         kind = adapter_kind(store, adapter)
         eval_cfg = reevaluation_config(cfg, kind, store.manifest(adapter)["config"]["train"]["base_model"])
-        results[adapter.id] = evaluate_flow(eval_cfg, home=str(store.root), adapters={kind: adapter})
+        evaluated = run_stage_flow("evaluate", eval_cfg, str(store.root), StageOptions(adapters={kind: adapter}))
+        results[adapter.id] = evaluated["evaluate"]
     create_markdown_artifact(markdown=summary_markdown(results), key="reevaluate-latest",
                              description="scheduled re-evaluation of the distilled students")
     return results
@@ -69,7 +71,7 @@ def reevaluate_flow(cfg: PipelineConfig = PipelineConfig(), home: str | None = N
 
 def newest_adapter(store: ArtifactStore) -> str:
     """The id of the most recently finished adapter under the store root."""
-    manifests = store.list("adapters")
+    manifests = store.list("train")
     if not manifests:
         raise ArtifactError(f"no complete adapter under {store.root}: train one first (distillery train) "
                             f"or list adapter ids in reevaluate.adapters")
@@ -77,12 +79,12 @@ def newest_adapter(store: ArtifactStore) -> str:
 
 
 def adapter_kind(store: ArtifactStore, adapter: ArtifactRef) -> str:
-    """'agent' or 'cot': the kind of SFT data the adapter was trained on (its parent's config)."""
+    """'agent' or 'cot': the kind of examples the adapter was trained on (its ``sft`` parent's config)."""
     parents = store.manifest(adapter)["parents"]
     data = [store.manifest(p) for p in parents]
-    kinds = [m["config"]["kind"] for m in data if m["stage"] == "sft_data"]
+    kinds = [m["config"]["kind"] for m in data if m["stage"] == "sft"]
     if len(kinds) != 1:
-        raise ArtifactError(f"adapter {adapter.id}: expected one sft_data parent, found {parents}")
+        raise ArtifactError(f"adapter {adapter.id}: expected one sft parent, found {parents}")
     return kinds[0]
 
 
@@ -121,19 +123,15 @@ def build_deployments(cfg: PipelineConfig, home: str, schedule_active: bool = Tr
     ``schedule_active=False`` the schedule is registered paused (visible, switchable in the UI).
     """
     defaults = {"cfg": cfg.model_dump(mode="json"), "home": home}
-    stages = {
-        pipeline_flow: "every stage: index → rollouts → LoRA → evaluation (cached by artifact id)",
-        index_flow: "build (or reuse) the retrieval index",
-        prefixes_flow: "the teacher's CoT solutions and first-thought prefixes (FTP)",
-        rollout_flow: "graded teacher trajectories over the training questions",
-        train_flow: "LoRA-fine-tune the student on the filtered trajectories",
-        evaluate_flow: "sharded evaluation of baselines and students, metrics and report",
-    }
-    deployments = [
-        stage.to_deployment(name=DEPLOYMENT_NAME, description=text,
-                            parameters=pipeline_parameters(cfg, home) if stage is pipeline_flow else defaults,
-                            tags=["distillery", stage.name], entrypoint_type=EntrypointType.MODULE_PATH)
-        for stage, text in stages.items()
+    deployments = [pipeline_flow.to_deployment(
+        name=DEPLOYMENT_NAME, description="every stage: index → rollouts → LoRA → evaluation (cached by artifact id)",
+        parameters=pipeline_parameters(cfg, home), tags=["distillery", "pipeline"],
+        entrypoint_type=EntrypointType.MODULE_PATH)]
+    deployments += [
+        stage_flow.with_options(name=entry.name).to_deployment(
+            name=DEPLOYMENT_NAME, description=entry.summary, parameters={"stage": entry.name, **defaults},
+            tags=["distillery", entry.name], entrypoint_type=EntrypointType.MODULE_PATH)
+        for entry in stages.STAGES
     ]
     reeval = cfg.reevaluate
     schedules = [Cron(reeval.cron, timezone=reeval.timezone, active=schedule_active)] if reeval.enabled else []

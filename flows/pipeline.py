@@ -1,27 +1,52 @@
-"""The whole pipeline as one parent flow. CLI: ``distillery run`` (and ``make demo``).
+"""The flows: one per stage, and the whole pipeline. CLI: ``distillery <stage>``, ``distillery run``.
 
-index → FTP prefixes (optional) → teacher rollouts → filter + train the agent-distilled student (and
-the CoT-distilled one when enabled) → evaluate baselines and students → report. Each stage flow runs
-once, in this order, so each finds its inputs built; every stage is cached by artifact id (see
-``flows.plans``), so a re-run with the same config re-uses everything and a change to evaluation
-settings re-runs only the evaluation.
+Every stage runs through ``stage_flow``, under the stage's own name (``index``, ``rollout``, …, see
+``flows.stages``): it plans the stage under the config, checks the inputs of what is missing, and builds
+the missing stages upstream first (``flows.plans.build_missing``), each through its builder. Stage flows
+never call each other. The pipeline flow runs each stage's flow once, in the registry's order, so each finds
+its inputs built; every stage is cached by artifact id, so a re-run with the same config re-uses
+everything and a change to evaluation settings re-runs only the evaluation.
 
-Its parameters are the run form of the ``pipeline`` deployment, in this order: the profile, a few knobs,
-then the full config (see ``pipeline_flow`` for which wins).
+Parameters are the run forms of the deployments: the profile (default ``demo``), then the full config,
+which takes precedence when given (see ``resolve_config``).
 """
 
 from __future__ import annotations
 
 from prefect import flow
 
+from flows import stages
 from flows.config import PipelineConfig
-from flows.evaluate import evaluate_flow
-from flows.index import index_flow
-from flows.plans import pipeline_results, plan_pipeline
-from flows.rollout import prefixes_flow, rollout_flow
+from flows.plans import build_missing, check_plan, plan_pipeline
 from flows.settings import Profile, load_config, profile_path
-from flows.train import train_flow
+from flows.stages import StageOptions
 from storage.store import ArtifactRef, ArtifactStore, default_root
+
+
+@flow(name="stage", log_prints=True)
+def stage_flow(stage: str, profile: Profile = "demo", cfg: PipelineConfig | None = None, home: str | None = None,
+               options: StageOptions | None = None) -> dict[str, ArtifactRef]:
+    """Build (or reuse) the stage ``stage`` and what it reads; returns its artifacts by planned name.
+
+    Args:
+        stage: the stage to build (a name of ``flows.stages.STAGES``; each stage's deployment sets it)
+        profile: a YAML profile of the repository's configs/ folder; ignored when cfg is given
+        cfg: the complete config (not a patch of the profile); None: the profile's
+        home: the artifact root (default: $DISTILLERY_HOME or .distillery)
+        options: resume or launcher of training, stored adapters to evaluate
+    """
+    cfg = resolve_config(profile, cfg=cfg)
+    options = options or StageOptions()
+    plan = plan_pipeline(ArtifactStore(home or default_root()), cfg, (stage,), options.adapters)
+    check_plan(plan, cfg)
+    build_missing(plan, cfg, options)
+    return plan.of(stage)
+
+
+def run_stage_flow(stage: str, cfg: PipelineConfig, home: str, options: StageOptions | None = None
+                   ) -> dict[str, ArtifactRef]:
+    """Run ``stage_flow`` as the flow named ``stage`` (how the CLI and the pipeline call a stage)."""
+    return stage_flow.with_options(name=stage)(stage, cfg=cfg, home=home, options=options)
 
 
 @flow(name="pipeline", log_prints=True)
@@ -51,20 +76,19 @@ def pipeline_flow(
     cfg = resolve_config(profile, teacher_model, student_model, rollout_limit, evaluate_limit, cfg)
     plan = plan_pipeline(ArtifactStore(home or default_root()), cfg)
     home = str(plan.store.root)
-    index_flow(cfg, home=home)
-    if "prefixes" in plan:  # the FTP prefixes, or the CoT student's training data
-        prefixes_flow(cfg, home=home)
-    rollout_flow(cfg, home=home)
-    adapters = train_flow(cfg, home=home)
-    evaluation = evaluate_flow(cfg, home=home)
-    return pipeline_results(adapters, evaluation)
+    for entry in stages.STAGES:
+        if any(name in plan for name in entry.instances(cfg)):
+            run_stage_flow(entry.name, cfg, home)
+    return plan.results()
 
 
 def resolve_config(profile: Profile = "demo", teacher_model: str | None = None, student_model: str | None = None,
                    rollout_limit: int | None = None, evaluate_limit: int | None = None,
                    cfg: PipelineConfig | None = None) -> PipelineConfig:
-    """The config of a pipeline run: ``cfg`` if given, else the ``profile``'s YAML, with the set knobs applied."""
+    """The config of a run: ``cfg`` if given, else the ``profile``'s YAML, with the set knobs applied."""
     base = cfg if cfg is not None else load_config(PipelineConfig, profile_path(profile))
+    if not any((teacher_model, student_model, rollout_limit is not None, evaluate_limit is not None)):
+        return base
     data = base.model_dump()
     if teacher_model:
         data["teacher"]["model"] = teacher_model

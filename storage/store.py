@@ -32,14 +32,7 @@ MANIFEST = "manifest.json"
 TMP_MARK = ".tmp-"
 PACKAGES = ("agent_runtime", "devices", "models", "questions", "retrieval", "storage", "training", "evaluation",
             "tasks", "flows")
-# The code each stage's output depends on: editing evaluation code must not rebuild the index.
-STAGE_CODE = {
-    "index": ("devices", "retrieval", "storage"),
-    "prefixes": ("agent_runtime", "devices", "evaluation", "questions", "storage"),
-    "trajectories": ("agent_runtime", "devices", "evaluation", "questions", "retrieval", "storage"),
-    "sft_data": ("agent_runtime", "training", "storage"),
-    "adapters": ("devices", "training", "storage"),
-}
+"""The project's packages: the code version of an artifact whose stage names no narrower set (a re-grade)."""
 
 
 class ArtifactError(UserError, ValueError):
@@ -74,9 +67,8 @@ def canonical_json(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def artifact_id(stage: str, config: dict, parents: list[str], version: str | None = None) -> str:
-    """The content hash that names an artifact."""
-    code = version or code_version(STAGE_CODE.get(stage, PACKAGES))
+def artifact_id(stage: str, config: dict, parents: list[str], code: str) -> str:
+    """The content hash that names an artifact: its stage, config, parents and code version."""
     payload = canonical_json({"stage": stage, "config": config, "parents": sorted(parents), "code": code})
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -177,6 +169,7 @@ class StagePlan:
     ref: ArtifactRef
     config: dict
     parents: tuple[str, ...] = ()
+    code: str = ""  # the code version in the id (``code_version`` of the stage's packages)
 
 
 @dataclass
@@ -186,6 +179,7 @@ class Artifact:
     ref: ArtifactRef
     config: dict
     parents: list[str]
+    code: str
     row_counts: dict[str, int] = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
 
@@ -204,7 +198,7 @@ class Artifact:
         self.metrics.update(metrics or {})
         manifest = {
             "stage": self.ref.stage, "id": self.ref.id, "config": self.config, "parents": self.parents,
-            "code_version": code_version(STAGE_CODE.get(self.ref.stage, PACKAGES)), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "code_version": self.code, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "row_counts": self.row_counts, "metrics": self.metrics,
         }
         atomic_write_json(self.path / MANIFEST, manifest)
@@ -220,15 +214,15 @@ class ArtifactStore:
     def ref(self, stage: str, id_: str) -> ArtifactRef:
         return ArtifactRef(stage, id_, str(self.root.resolve()))
 
-    def plan(self, stage: str, config: dict, parents: list[str]) -> ArtifactRef:
-        """The reference an artifact with these inputs has (whether or not it exists yet)."""
-        return self.ref(stage, artifact_id(stage, config, parents))
 
     def exists(self, ref: ArtifactRef) -> bool:
         return (ref.path / MANIFEST).is_file()
 
-    def plan_stage(self, stage: str, config: dict, parents: list[str] = ()) -> StagePlan:
-        return StagePlan(self.plan(stage, config, list(parents)), config, tuple(parents))
+    def plan_stage(self, stage: str, config: dict, parents: list[str] = (), code: str | None = None) -> StagePlan:
+        """The artifact these inputs name (whether or not it exists yet); ``code`` defaults to every package's."""
+        code = code or code_version()
+        return StagePlan(self.ref(stage, artifact_id(stage, config, list(parents), code)), config, tuple(parents),
+                         code)
 
     def begin(self, stage: str, config: dict, parents: list[str] = ()) -> Artifact:
         """Start (or resume) writing the artifact for these inputs; its folder keeps finished parts."""
@@ -238,7 +232,7 @@ class ArtifactStore:
         """Start (or resume) writing a planned artifact; finished parts in its folder are kept."""
         plan.ref.path.mkdir(parents=True, exist_ok=True)
         clean_stale_temp(plan.ref.path)
-        return Artifact(plan.ref, plan.config, list(plan.parents))
+        return Artifact(plan.ref, plan.config, list(plan.parents), plan.code or code_version())
 
     def manifest(self, id_or_ref: str | ArtifactRef) -> dict:
         """The manifest of a complete artifact, by id (any stage) or reference."""

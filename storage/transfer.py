@@ -22,10 +22,12 @@ import tarfile
 import time
 from pathlib import Path, PurePosixPath
 
-from storage.store import MANIFEST, TMP_MARK, ArtifactError, ArtifactStore
+from storage.store import MANIFEST, TMP_MARK, ArtifactError, ArtifactStore, atomic_write_json
 
 EXPORT_INFO = "export.json"
 FORMAT = "distillery-artifacts/1"
+LEGACY_STAGES = {"trajectories": "rollout", "sft_data": "sft", "adapters": "train", "evals": "evaluate"}
+"""Stage folders of exports made before the stages took one name each; imported under their new names."""
 
 
 def export_artifact(store: ArtifactStore, id_: str, out: Path, with_parents: bool = False) -> dict:
@@ -94,11 +96,12 @@ def import_archive(store: ArtifactStore, source: Path) -> list[tuple[str, str]]:
             stage, id_ = key.split("/")
             if manifest.get("id") != id_ or manifest.get("stage") != stage:
                 raise ArtifactError(f"{source}: {key}/{MANIFEST} names {manifest.get('stage')}/{manifest.get('id')}")
+            stage = manifest["stage"] = LEGACY_STAGES.get(stage, stage)
             target = store.root / stage / id_
             if (target / MANIFEST).is_file():
                 if json.loads((target / MANIFEST).read_text()) != manifest:
                     raise ArtifactError(f"{target} already exists with a different manifest; not overwritten")
-                results.append((key, "already present"))
+                results.append((f"{stage}/{id_}", "already present"))
                 continue
             staging = store.root / stage / f"{id_}{TMP_MARK}{os.getpid()}-import"
             shutil.rmtree(staging, ignore_errors=True)
@@ -113,10 +116,12 @@ def import_archive(store: ArtifactStore, source: Path) -> list[tuple[str, str]]:
                     destination.parent.mkdir(parents=True, exist_ok=True)
                     with tar.extractfile(member) as src, destination.open("wb") as dst:
                         shutil.copyfileobj(src, dst)
+                if key.split("/")[0] != stage:  # an export of an older version: its stage renamed
+                    atomic_write_json(staging / MANIFEST, manifest)
                 if target.exists():  # an incomplete folder (no manifest) of a writer that died
                     shutil.rmtree(target)
                 os.replace(staging, target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-            results.append((key, "imported"))
+            results.append((f"{stage}/{id_}", "imported"))
     return results

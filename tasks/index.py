@@ -1,25 +1,27 @@
-"""Prefect task: build the retrieval index artifact (``retrieval.index.build_index``)."""
+"""Prefect task of the ``index`` stage: embed the corpus into a FAISS index (``retrieval.index``)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prefect import task
 
-from retrieval.index import IndexConfig
-from retrieval.index import build_index as build_faiss_index
-from storage.store import ArtifactRef, ArtifactStore, StagePlan
-from tasks.caching import artifact_key
-from tasks.publish import publish_artifact
-from tasks.retries import is_transient
+from retrieval.index import build_index
+from storage.store import ArtifactRef, StagePlan
+from tasks.artifacts import build_artifact
+from tasks.retries import TRANSIENT_RETRIES
+
+if TYPE_CHECKING:
+    from flows.config import PipelineConfig
+    from flows.stages import StageOptions
 
 
-@task(name="build-index", cache_key_fn=artifact_key, persist_result=True, retries=1,
-      retry_delay_seconds=5, retry_condition_fn=is_transient)
-def build_index(plan: StagePlan, cfg: IndexConfig) -> ArtifactRef:
-    """Embed the corpus and write ``faiss.index`` + ``passages.parquet``; reuse a complete artifact."""
-    store = ArtifactStore(plan.ref.root)
-    if not store.exists(plan.ref):
-        artifact = store.open(plan)
-        meta = build_faiss_index(cfg, artifact.path)
-        artifact.finish({"passages": meta["count"]}, meta)
-    publish_artifact(store, plan.ref, "select count(*) from passages where artifact_id = '{id}'")
-    return plan.ref
+@task(name="index", **TRANSIENT_RETRIES)
+def build(plan: StagePlan, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], kind: str,
+          options: StageOptions) -> ArtifactRef:
+    """Write ``faiss.index`` + ``passages.parquet`` of ``cfg.index``."""
+    def write(artifact):
+        meta = build_index(cfg.index, artifact.path)
+        return {"passages": meta["count"]}, meta
+
+    return build_artifact(plan, write, "select count(*) from passages where artifact_id = '{id}'")

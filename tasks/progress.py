@@ -6,7 +6,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-from tasks.publish import in_prefect_run
+from tasks.artifacts import in_prefect_run
 
 
 class Progress:

@@ -16,3 +16,7 @@ def is_transient(task, task_run, state) -> bool:
     """Prefect ``retry_condition_fn``: False when the run failed on input the user has to fix."""
     error = state.result(raise_on_failure=False)
     return isinstance(error, ServiceUnavailable) or not isinstance(error, UserError)
+
+
+TRANSIENT_RETRIES = {"retries": 1, "retry_delay_seconds": 5, "retry_condition_fn": is_transient}
+"""The retry policy of every stage task: once, after 5 s, and only for a transient failure."""

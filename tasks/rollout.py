@@ -1,62 +1,67 @@
-"""Prefect task: teacher rollouts into a ``trajectories`` artifact (``agent_runtime.rollout``)."""
+"""Prefect task of the ``rollout`` stage: graded teacher trajectories (``agent_runtime.rollout``)."""
 
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from agent_runtime.backends import BackendConfig
 from agent_runtime.rollout import RolloutConfig, run_questions, split_parts
-from agent_runtime.sandbox import Sandbox, SandboxConfig
+from agent_runtime.sandbox import Sandbox
 from evaluation.grading import grade
 from questions.datasets import load_dataset, with_limit
-from retrieval.index import IndexConfig
 from storage.catalog import read_table
 from storage.schemas import EPISODES, STEPS
-from storage.store import ArtifactRef, ArtifactStore, StagePlan, part_name
-from tasks.caching import artifact_key
+from storage.store import Artifact, ArtifactRef, StagePlan, part_name
+from tasks.artifacts import Written, build_artifact, in_prefect_run
 from tasks.progress import Progress
-from tasks.publish import in_prefect_run, publish_artifact
-from tasks.resources import SearchConfig, generator_for, search_for
-from tasks.retries import is_transient
+from tasks.resources import generator_for, search_for
+from tasks.retries import TRANSIENT_RETRIES
+
+if TYPE_CHECKING:
+    from flows.config import PipelineConfig
+    from flows.stages import StageOptions
 
 
-@task(name="teacher-rollouts", cache_key_fn=artifact_key, persist_result=True, retries=1,
-      retry_delay_seconds=5, retry_condition_fn=is_transient)
-def run_rollouts(plan: StagePlan, cfg: RolloutConfig, teacher: BackendConfig, sandbox_cfg: SandboxConfig,
-                 index: ArtifactRef, index_cfg: IndexConfig, search_cfg: SearchConfig,
-                 prefixes: ArtifactRef | None = None) -> ArtifactRef:
+@task(name="rollout", **TRANSIENT_RETRIES)
+def build(plan: StagePlan, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], kind: str,
+          options: StageOptions) -> ArtifactRef:
     """Run every unfinished part, then write the manifest; finished parts of an earlier run are kept."""
-    store = ArtifactStore(plan.ref.root)
-    if not store.exists(plan.ref):
-        artifact = store.open(plan)
-        work = pending_parts(artifact.path, cfg)
+    def write(artifact):
+        work = pending_parts(artifact.path, cfg.rollout)
         if work:
-            search = search_for(index, index_cfg, search_cfg)
-            first_steps = read_prefixes(prefixes) if prefixes is not None else {}
-            progress = Progress(sum(len(qs) for _, _, qs in work) * cfg.samples_per_question, "teacher rollouts")
-            done = 0
-            with generator_for(teacher) as generator, Sandbox(sandbox_cfg, search=search) as sandbox:
-                for part, dataset, questions in work:
-                    rows = run_questions(
-                        questions, dataset.kind, generator, sandbox, cfg.agent, grade,
-                        cfg.samples_per_question, first_steps,
-                        {"artifact_id": plan.ref.id, "model": teacher.model, "method": "agent"},
-                        on_progress=lambda finished, _total, base=done: progress.update(base + finished),
-                    )
-                    # Steps first: a part counts as done when its episodes file exists.
-                    artifact.write_table("steps", rows_table(rows.steps, STEPS, plan.ref.id), STEPS, part=part)
-                    artifact.write_table("episodes", rows_table(rows.episodes, EPISODES, plan.ref.id), EPISODES,
-                                         part=part)
-                    done += len(rows.episodes)
-            progress.close()
-        finish_rollouts(store, artifact)
-    publish_artifact(store, plan.ref, "select dataset, count(*), avg(correct::int) from episodes "
-                                      "where artifact_id = '{id}' group by all")
-    return plan.ref
+            prefixes = inputs.get("prefixes")
+            run_parts(artifact, work, cfg, inputs["index"], read_prefixes(prefixes) if prefixes else {})
+        return finish_rollouts(artifact)
+
+    return build_artifact(plan, write, "select dataset, count(*), avg(correct::int) from episodes "
+                                       "where artifact_id = '{id}' group by all")
+
+
+def run_parts(artifact: Artifact, work: list, cfg: PipelineConfig, index: ArtifactRef,
+              first_steps: dict[str, str]) -> None:
+    """The teacher's episodes of each pending (part, dataset, questions), one part file at a time."""
+    rollout, teacher = cfg.rollout, cfg.teacher
+    search = search_for(index, cfg.index, cfg.search)
+    progress = Progress(sum(len(qs) for _, _, qs in work) * rollout.samples_per_question, "teacher rollouts")
+    done = 0
+    with generator_for(teacher) as generator, Sandbox(cfg.sandbox, search=search) as sandbox:
+        for part, dataset, questions in work:
+            rows = run_questions(
+                questions, dataset.kind, generator, sandbox, rollout.agent, grade,
+                rollout.samples_per_question, first_steps,
+                {"artifact_id": artifact.ref.id, "model": teacher.model, "method": "agent"},
+                on_progress=lambda finished, _total, base=done: progress.update(base + finished),
+            )
+            # Steps first: a part counts as done when its episodes file exists.
+            artifact.write_table("steps", rows_table(rows.steps, STEPS, artifact.ref.id), STEPS, part=part)
+            artifact.write_table("episodes", rows_table(rows.episodes, EPISODES, artifact.ref.id), EPISODES,
+                                 part=part)
+            done += len(rows.episodes)
+    progress.close()
 
 
 def pending_parts(artifact_dir, cfg: RolloutConfig) -> list[tuple[int, object, list]]:
@@ -75,14 +80,14 @@ def rows_table(rows: list[dict], schema: pa.Schema, artifact_id: str) -> pa.Tabl
     return pa.Table.from_pylist([{**row, "artifact_id": artifact_id} for row in rows], schema=schema)
 
 
-def finish_rollouts(store: ArtifactStore, artifact) -> None:
-    """Count rows, compute accuracy and error counts, write the manifest, publish a table artifact."""
+def finish_rollouts(artifact: Artifact) -> Written:
+    """Row counts, and accuracy and error counts by dataset (also published as a table artifact)."""
     episodes = read_table(artifact.path, "episodes")
     steps = read_table(artifact.path, "steps")
     summary = summarize(episodes, steps)
-    artifact.finish({"episodes": episodes.num_rows, "steps": steps.num_rows}, {"by_dataset": summary})
     if in_prefect_run():
         create_table_artifact(table=summary, key="rollout-accuracy", description="teacher rollouts by dataset")
+    return {"episodes": episodes.num_rows, "steps": steps.num_rows}, {"by_dataset": summary}
 
 
 def summarize(episodes: pa.Table, steps: pa.Table) -> list[dict]:

@@ -68,8 +68,8 @@ def main() -> int:
     args = parser.parse_args()
     store = ArtifactStore(args.home)
     tally: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-    for manifest in store.list("evals"):
-        ref = store.ref("evals", manifest["id"])
+    for manifest in store.list("evaluate"):
+        ref = store.ref("evaluate", manifest["id"])
         predictions = read_table(ref.path, "predictions")
         predictions = predictions.filter(pc.is_in(predictions.column("method"), pa.array(METHODS)))
         if not predictions.num_rows:

@@ -44,7 +44,7 @@ PAPER = {
 SQL = """
 select m.method, m.model, m.dataset, m.n, round(100 * m.accuracy, 1) as accuracy, m.parse_error_rate,
        m.mean_steps, m.tokens_per_question, m.artifact_id
-from metrics m join artifacts a on a.id = m.artifact_id and a.stage = 'evals'
+from metrics m join artifacts a on a.id = m.artifact_id and a.stage = 'evaluate'
 order by m.method, m.dataset
 """
 # (row, baseline): a row evaluated on fewer questions is compared with its baseline on the questions both have.

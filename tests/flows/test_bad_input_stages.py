@@ -70,7 +70,7 @@ def assert_before_any_flow(result):
 def assert_untouched(home, index_ids):
     assert query(home, "select id from artifacts where stage = 'index'")[1] == index_ids
     assert query(home, "select count(*) from passages")[1] == [(4,)]
-    assert query(home, "select count(*) from artifacts where stage = 'trajectories'")[1] == [(0,)]
+    assert query(home, "select count(*) from artifacts where stage = 'rollout'")[1] == [(0,)]
 
 
 def test_dataset_that_is_not_json_names_file_and_line(tmp_path, home, built_index):
@@ -118,14 +118,14 @@ def test_index_id_that_does_not_exist_is_named(home, built_index, command):
 def stored(home):
     """A home holding one complete artifact, written without Prefect (what must survive the failures)."""
     store = ArtifactStore(home)
-    ref = store.begin("sft_data", {"kept": True}, []).finish({"sft_examples": 0})
+    ref = store.begin("sft", {"kept": True}, []).finish({"sft_examples": 0})
     return store, ref
 
 
 def assert_store_kept(stored):
     store, ref = stored
     assert [m["id"] for m in store.list()] == [ref.id]
-    assert sorted(p.name for p in store.root.iterdir()) == ["sft_data"]
+    assert sorted(p.name for p in store.root.iterdir()) == ["sft"]
 
 
 @pytest.mark.parametrize("lines, needle", [
@@ -221,45 +221,44 @@ def test_sandbox_bad_inputs_are_one_line_each(tmp_path, stored):
     assert_one_line(cli(home, "sandbox", "-c", "print(1)", "--set", "sandbox.workers=0"), "sandbox.workers")
     not_an_index = stored[1].id
     assert_one_line(cli(home, "sandbox", "-c", "print(1)", "--index", not_an_index),
-                    f"--index {not_an_index}: artifact {not_an_index} is a sft_data artifact, not an index")
+                    f"--index {not_an_index}: artifact {not_an_index} is a sft artifact, not an index")
     assert_store_kept(stored)
 
 
 # ----------------------------------------------------------------------------- deployment parameters
 
-def run_as_deployment(flow, cfg: dict, home: Path):
-    """Run ``flow`` the way a deployment run does (parameters as JSON, validated by Prefect into the typed
-    config); its final state."""
-    return flow(cfg=cfg, home=str(home), return_state=True)
+def run_as_deployment(stage: str, cfg: dict, home: Path):
+    """Run the ``stage`` flow the way its deployment run does (parameters as JSON, validated by Prefect into
+    the typed config); its final state."""
+    from flows.pipeline import stage_flow
+
+    return stage_flow.with_options(name=stage)(stage=stage, cfg=cfg, home=str(home), return_state=True)
 
 
 def test_deployment_parameters_that_are_bad_fail_before_any_task(tmp_path, stored, prefect_harness):
-    from flows.evaluate import evaluate_flow
-    from flows.index import index_flow
-    from flows.rollout import rollout_flow
 
     home = stored[0].root
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(CORPUS)
-    state = run_as_deployment(index_flow, {"index": {"corpus": {"source": str(corpus)}, "chunk": 5}}, home)
+    state = run_as_deployment("index", {"index": {"corpus": {"source": str(corpus)}, "chunk": 5}}, home)
     assert state.is_failed() and "cfg.index.chunk: Extra inputs are not permitted" in state.message
 
     bad_corpus = tmp_path / "bad-corpus.jsonl"
     bad_corpus.write_text(CORPUS + "not json\n")
-    state = run_as_deployment(index_flow, {"index": {"corpus": {"source": str(bad_corpus)}}}, home)
+    state = run_as_deployment("index", {"index": {"corpus": {"source": str(bad_corpus)}}}, home)
     assert state.is_failed() and f"CorpusError: {bad_corpus}:5: malformed JSON" in state.message
 
     dataset = tmp_path / "questions.jsonl"
     dataset.write_text('{"id": "q1", "question": "What is 1 + 1?", "answer": "2"}\n{"id": "q2"\n')
     cfg = {"index": {"corpus": {"source": str(corpus)}}, "teacher": {"kind": "scripted", "model": "scripted"},
            "rollout": {"datasets": [{"name": "bad", "source": str(dataset), "kind": "math"}]}}
-    state = run_as_deployment(rollout_flow, cfg, home)
+    state = run_as_deployment("rollout", cfg, home)
     assert state.is_failed() and f"DatasetError: {dataset}:2: not valid JSON" in state.message
 
     folder = adapter_folder(tmp_path, '{"r": 8}', None)
     cfg = {"index": {"corpus": {"source": str(corpus)}}, "student": {"adapter": str(folder)},
            "evaluate": {"methods": [{"name": "agent", "model": "student", "mode": "agent"}]}}
-    state = run_as_deployment(evaluate_flow, cfg, home)
+    state = run_as_deployment("evaluate", cfg, home)
     assert state.is_failed() and f"{folder / 'adapter_config.json'}: not a PEFT adapter" in state.message
     # Each failed before its first task: no index (the first task of all three) was started.
     assert_store_kept(stored)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from flows.checks import check_adapter, check_corpus, check_gguf, check_safetensors
+from flows.checks import check_corpus
+from models.files import check_adapter, check_gguf, check_safetensors
 from models.resolve import ModelNotAvailable, resolve_model
 from retrieval.corpus import CorpusConfig, CorpusError
 

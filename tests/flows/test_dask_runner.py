@@ -96,7 +96,7 @@ def worker_pids(client) -> dict[str, int]:
 
 def test_dask_workers_keep_the_gpus_they_were_started_with():
     from flows.config import PipelineConfig
-    from flows.evaluate import shard_pins
+    from tasks.evaluate import shard_pins
 
     cfg = PipelineConfig.model_validate({"evaluate": {"runner": "dask", "address": "tcp://127.0.0.1:8786"}})
     # The flow's machine may have 8 GPUs; a worker elsewhere must not be told to use "GPU 5".
@@ -117,7 +117,7 @@ def test_dask_runner_predicts_what_the_threads_runner_predicts(tmp_path, cluster
     print(f"\ndask runner: {time.monotonic() - started:.1f} s")
     assert process.returncode == 0, output
     assert predictions(home) == expected
-    [manifest] = [json.loads(p.read_text()) for p in home.glob("evals/*/manifest.json")]
+    [manifest] = [json.loads(p.read_text()) for p in home.glob("evaluate/*/manifest.json")]
     assert manifest["config"]["evaluate"]["runner"] == "dask"
     # Both worker processes evaluated shards (each writes its shards' files from its own process).
     assert len(worker_pids(client)) == 2
@@ -131,7 +131,7 @@ def test_a_worker_killed_mid_run_leaves_every_question_predicted_once(tmp_path, 
     home = tmp_path / "dask-home"
     config = write_config(tmp_path, "threads", seconds=1.5)
     address = ("--runner", "dask", "--address", local.scheduler_address)
-    pattern = "evals/*/predictions/part-*.parquet"
+    pattern = "evaluate/*/predictions/part-*.parquet"
     process = evaluate(home, config, api_url, *address)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None and not list(home.glob(pattern)):
@@ -152,7 +152,7 @@ def test_a_worker_killed_mid_run_leaves_every_question_predicted_once(tmp_path, 
     rerun_output, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, f"first run (exit {first_exit}):\n{output}\nre-run:\n{rerun_output}"
     # One evaluation: the re-run planned the same artifact (its id covers the config and the code version).
-    assert len(list(home.glob("evals/*/manifest.json"))) == 1
+    assert len(list(home.glob("evaluate/*/manifest.json"))) == 1
     after = {p.name: p.stat().st_mtime_ns for p in home.glob(pattern)}
     assert len(after) == 6
     assert all(after[name] == mtime for name, mtime in finished.items())  # finished shards were not redone

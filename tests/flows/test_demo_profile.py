@@ -40,9 +40,9 @@ def test_the_demo_profile_runs_end_to_end_and_a_second_run_is_a_cache_hit(tmp_pa
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "results/cpu-study" in done.stdout + done.stderr  # the demo says where the study's results are
     stages = dict(query(home, "select stage, count(*) from artifacts group by all")[1])
-    assert stages == {"index": 1, "trajectories": 1, "sft_data": 1, "adapters": 1, "evals": 1}
+    assert stages == {"index": 1, "rollout": 1, "sft": 1, "train": 1, "evaluate": 1}
     [(episodes, correct)] = query(home, "select count(*), sum(correct::int) from episodes where stage = "
-                                        "'trajectories'")[1]
+                                        "'rollout'")[1]
     assert episodes == 2 and correct >= 1  # the 1.5B teacher solves some
     [(kept,)] = query(home, "select count(*) from sft_examples")[1]
     assert kept == correct  # the paper's filter: only correct trajectories are trained on

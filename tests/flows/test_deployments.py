@@ -30,11 +30,12 @@ from flows.deployments import (
 from flows.pipeline import pipeline_flow, resolve_config
 from flows.server import client_env, free_port, serve_argv, server_env
 from flows.settings import ConfigError, load_config, profile_path
+from flows.stages import stage_names
 from questions.datasets import DatasetConfig
 from storage.store import ArtifactStore
 
 ROOT = Path(__file__).resolve().parents[2]
-FLOWS = {"pipeline", "index", "prefixes", "rollout", "train", "evaluate", "reevaluate"}
+FLOWS = {"pipeline", *stage_names(), "reevaluate"}
 
 
 def demo(*overrides: str) -> PipelineConfig:
@@ -54,8 +55,9 @@ def test_every_stage_is_a_deployment_with_a_typed_form(tmp_path):
     for flow_name, deployment in deployments.items():
         assert deployment.name == DEPLOYMENT_NAME
         assert deployment.entrypoint.startswith("flows.") and deployment.entrypoint.endswith("_flow")
-        # The form is prefilled with the served profile, overrides included.
-        assert deployment.parameters == {"cfg": cfg.model_dump(mode="json"), "home": str(tmp_path)}
+        # The form is prefilled with the served profile, overrides included; a stage's names the stage.
+        stage = {"stage": flow_name} if flow_name in stage_names() else {}
+        assert deployment.parameters == {**stage, "cfg": cfg.model_dump(mode="json"), "home": str(tmp_path)}
         assert deployment.parameters["cfg"]["rollout"]["limit"] == 3
         schema = deployment._parameter_openapi_schema.model_dump()
         # The pipeline's cfg is optional (a profile can stand in for it): a ref to the model, or null.
@@ -65,8 +67,11 @@ def test_every_stage_is_a_deployment_with_a_typed_form(tmp_path):
         limit = schema["definitions"]["RolloutConfig"]["properties"]["limit"]
         assert limit["description"] == "take only the first N questions of each dataset"
         assert flow_name in deployment.tags
+    # Every stage's form: the stage, the profile or the full config, the home, and the run options.
     assert set(deployments["train"]._parameter_openapi_schema.properties) == {
-        "cfg", "home", "resume", "accelerate_config"}
+        "stage", "profile", "cfg", "home", "options"}
+    options = deployments["train"]._parameter_openapi_schema.model_dump()["definitions"]["StageOptions"]
+    assert {"resume", "accelerate_config", "adapters"} <= set(options["properties"])
 
 
 def test_reevaluation_schedule_comes_from_the_config(tmp_path):
@@ -158,9 +163,9 @@ def test_a_given_config_is_complete_and_the_knobs_still_apply():
 
 def store_adapter(store: ArtifactStore, kind: str, created: str, base_model: str = "smollm2-135m-instruct"):
     """An sft_data artifact of ``kind`` and an adapter trained on it, finished at ``created``."""
-    data = store.begin("sft_data", {"sft": {}, "kind": kind}, []).finish()
+    data = store.begin("sft", {"sft": {}, "kind": kind}, []).finish()
     # ``created`` is part of the config so that two adapters of one kind get two ids.
-    adapter = store.begin("adapters", {"train": {"base_model": base_model}, "at": created}, [data.id]).finish()
+    adapter = store.begin("train", {"train": {"base_model": base_model}, "at": created}, [data.id]).finish()
     manifest_path = adapter.path / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest_path.write_text(json.dumps({**manifest, "created": created}))
@@ -198,15 +203,16 @@ def test_newest_adapter_and_its_kind(tmp_path):
 
 @pytest.fixture
 def fake_evaluation(monkeypatch):
-    """reevaluate_flow's collaborators replaced: evaluate_flow records its calls, artifacts are captured."""
+    """reevaluate_flow's collaborators replaced: the evaluate stage records its calls, artifacts are captured."""
     calls, published = [], []
 
-    def evaluate(cfg, home=None, adapters=None):
-        calls.append((cfg, adapters))
+    def run_stage_flow(stage, cfg, home, options):
+        assert stage == "evaluate"
+        calls.append((cfg, options.adapters))
         store = ArtifactStore(home)
-        return store.begin("evals", {"n": len(calls)}, [ref.id for ref in adapters.values()]).finish()
+        return {"evaluate": store.begin("evaluate", {"n": len(calls)}, [r.id for r in options.adapters.values()]).finish()}
 
-    monkeypatch.setattr("flows.deployments.evaluate_flow", evaluate)
+    monkeypatch.setattr("flows.deployments.run_stage_flow", run_stage_flow)
     monkeypatch.setattr("flows.deployments.create_markdown_artifact", lambda **kw: published.append(kw))
     return calls, published
 
@@ -216,7 +222,7 @@ def test_reevaluate_flow_evaluates_the_newest_adapter(tmp_path, fake_evaluation)
     store = ArtifactStore(tmp_path)
     store_adapter(store, "agent", "2025-01-01T00:00:00+0000")
     newest = store_adapter(store, "agent", "2025-06-01T00:00:00+0000")
-    results = reevaluate_flow.fn(demo(), home=str(tmp_path))
+    results = reevaluate_flow.fn(cfg=demo(), home=str(tmp_path))
     assert list(results) == [newest.id]
     [(cfg, adapters)] = calls
     assert adapters == {"agent": newest}
@@ -232,11 +238,11 @@ def test_reevaluate_flow_evaluates_the_listed_adapters(tmp_path, fake_evaluation
     first = store_adapter(store, "agent", "2025-01-01T00:00:00+0000")
     store_adapter(store, "agent", "2025-06-01T00:00:00+0000")
     cfg = demo(f"reevaluate.adapters=['{first.id[:8]}']")
-    assert list(reevaluate_flow.fn(cfg, home=str(tmp_path))) == [first.id]
+    assert list(reevaluate_flow.fn(cfg=cfg, home=str(tmp_path))) == [first.id]
     assert calls[0][1] == {"agent": first}
-    data_id = store.list("sft_data")[0]["id"]
-    with pytest.raises(ValueError, match=f"{data_id!r} is a sft_data artifact, not an adapter"):
-        reevaluate_flow.fn(demo(f"reevaluate.adapters=['{data_id}']"), home=str(tmp_path))
+    data_id = store.list("sft")[0]["id"]
+    with pytest.raises(ValueError, match=f"{data_id!r} is a sft artifact, not an adapter"):
+        reevaluate_flow.fn(cfg=demo(f"reevaluate.adapters=['{data_id}']"), home=str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- server script
@@ -372,8 +378,8 @@ def test_pipeline_deployment_runs_on_a_real_server(stack):
     assert run.state.is_completed(), f"{run.state}\n{stack.tail()}"
     assert run.parameters["cfg"]["rollout"]["limit"] == 2
     rows = stack.query("select stage, count(*) as n from artifacts group by stage")
-    assert {r["stage"]: r["n"] for r in rows} == {"index": 1, "trajectories": 1, "sft_data": 1, "adapters": 1,
-                                                    "evals": 1}
+    assert {r["stage"]: r["n"] for r in rows} == {"index": 1, "rollout": 1, "sft": 1, "train": 1,
+                                                    "evaluate": 1}
     metrics = stack.query("select method, dataset, n from metrics")
     assert {(m["method"], m["dataset"]) for m in metrics} == {
         (method["name"], dataset["name"]) for method in stack.tiny["evaluate"]["methods"]
@@ -411,7 +417,7 @@ def test_reevaluate_deployment_evaluates_the_newest_adapter(stack):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.deployments import run_deployment
 
-    [adapter] = stack.query("select id from artifacts where stage = 'adapters'")
+    [adapter] = stack.query("select id from artifacts where stage = 'train'")
     started = time.monotonic()
     with stack.settings():
         run = run_deployment(f"reevaluate/{DEPLOYMENT_NAME}", parameters={"cfg": stack.tiny, "home": str(stack.home)},
@@ -422,7 +428,7 @@ def test_reevaluate_deployment_evaluates_the_newest_adapter(stack):
             [artifact] = client.read_artifacts(
                 artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["reevaluate-latest"])))
     assert adapter["id"] in artifact.data
-    evals = stack.query("select id, parents from artifacts where stage = 'evals'")
+    evals = stack.query("select id, parents from artifacts where stage = 'evaluate'")
     assert len(evals) == 2 and all(adapter["id"] in e["parents"] for e in evals)
     methods = stack.query("select distinct method from metrics")
     assert {m["method"] for m in methods} >= {"agent-distilled", "agent-distilled+sag"}

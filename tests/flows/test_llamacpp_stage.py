@@ -72,10 +72,10 @@ def test_a_killed_llamacpp_server_fails_the_stage_naming_the_backend_and_keeps_f
     process = subprocess.Popen([sys.executable, "-m", "flows.cli", "--home", str(home), "evaluate", "--config",
                                 str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 1200
-    while not list(home.glob("evals/*/predictions/*.parquet")):
+    while not list(home.glob("evaluate/*/predictions/*.parquet")):
         assert process.poll() is None and time.monotonic() < deadline, "no shard finished"
         time.sleep(0.5)
-    finished = {p.name for p in home.glob("evals/*/predictions/*.parquet")}
+    finished = {p.name for p in home.glob("evaluate/*/predictions/*.parquet")}
     [pid] = server_pids(process.pid)
     os.kill(pid, signal.SIGKILL)
     stdout, stderr = process.communicate(timeout=600)
@@ -83,6 +83,6 @@ def test_a_killed_llamacpp_server_fails_the_stage_naming_the_backend_and_keeps_f
     [error] = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert "llamacpp:smollm2-135m-instruct: the llama.cpp server" in error
     assert f"(pid {pid}) was killed by signal 9" in error and "Traceback" not in stderr
-    assert finished <= {p.name for p in home.glob("evals/*/predictions/*.parquet")}  # finished shards kept
-    assert not list(home.glob("evals/*/manifest.json"))
+    assert finished <= {p.name for p in home.glob("evaluate/*/predictions/*.parquet")}  # finished shards kept
+    assert not list(home.glob("evaluate/*/manifest.json"))
     assert server_pids(process.pid) == []

@@ -83,7 +83,7 @@ def tiny_setup(tmp_path, tiny_student, monkeypatch):  # noqa: F811
     return cfg, generator
 
 
-STAGE_FLOWS = ("index", "prefixes", "rollout", "train", "evaluate")
+STAGE_FLOWS = ("index", "prefixes", "rollout", "sft", "train", "evaluate")
 
 
 def stage_flow_runs(since) -> dict[str, int]:
@@ -98,6 +98,17 @@ def stage_flow_runs(since) -> dict[str, int]:
     return {name: started.count(name) for name in STAGE_FLOWS}
 
 
+def stage_task_runs(since) -> dict[str, int]:
+    """How many runs of each stage's task (not the evaluation's report task) Prefect recorded since ``since``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since)))
+    started = [run.name.split("-")[0] for run in runs]  # "<task name>-<suffix>", "train-agent"
+    return {name: started.count(name) for name in STAGE_FLOWS if name != "evaluate" and name in started}
+
+
 def test_pipeline_runs_every_stage_with_lineage_and_reuses_them(tiny_setup, home, prefect_harness):
     from flows.pipeline import pipeline_flow
     from flows.plans import cached_pipeline
@@ -109,18 +120,18 @@ def test_pipeline_runs_every_stage_with_lineage_and_reuses_them(tiny_setup, home
     assert stage_flow_runs(started) == dict.fromkeys(STAGE_FLOWS, 1)  # each stage flow once, in the pipeline
     store = ArtifactStore(home)
     stages = {m["stage"]: m for m in store.list()}
-    assert set(stages) == {"index", "prefixes", "trajectories", "sft_data", "adapters", "evals"}
+    assert set(stages) == {"index", "prefixes", "rollout", "sft", "train", "evaluate"}
     by_id = {m["id"]: m for m in store.list()}
-    # Lineage: evals ← index + adapters; adapters ← sft_data ← trajectories ← index + prefixes.
+    # Lineage: evaluate ← index + train; train ← sft ← rollout ← index + prefixes.
     evaluation = store.manifest(results["evaluation"])
     parent_stages = sorted(by_id[p]["stage"] for p in evaluation["parents"])
-    assert parent_stages == ["adapters", "adapters", "index"]
-    trajectories = stages["trajectories"]
+    assert parent_stages == ["index", "train", "train"]
+    trajectories = stages["rollout"]
     assert sorted(by_id[p]["stage"] for p in trajectories["parents"]) == ["index", "prefixes"]
     agent_adapter = store.manifest(results["adapter_agent"])
     data = by_id[agent_adapter["parents"][0]]
-    assert data["stage"] == "sft_data" and data["parents"] == [trajectories["id"]]
-    assert (store.root / "adapters" / agent_adapter["id"] / "adapter" / "adapter_model.safetensors").is_file()
+    assert data["stage"] == "sft" and data["parents"] == [trajectories["id"]]
+    assert (store.root / "train" / agent_adapter["id"] / "adapter" / "adapter_model.safetensors").is_file()
 
     # Rollouts: every question once, all correct (the script knows the answers), FTP prefix used.
     rows = query(home, "select dataset, count(*), sum(correct::int) from episodes group by 1 order by 1")[1]
@@ -135,7 +146,7 @@ def test_pipeline_runs_every_stage_with_lineage_and_reuses_them(tiny_setup, home
     assert once == [(30, 30)]
     metrics = query(home, "select method, dataset, n, accuracy from metrics order by 1, 2")[1]
     assert len(metrics) == 10 and all(n in (2, 4) and acc == 1.0 for _, _, n, acc in metrics)
-    folder = store.root / "evals" / evaluation["id"]
+    folder = store.root / "evaluate" / evaluation["id"]
     assert (folder / "report.md").is_file() and (folder / "accuracy_by_dataset.png").is_file()
 
     # Second run: every stage is re-used, nothing is generated again.
@@ -149,18 +160,18 @@ def test_pipeline_runs_every_stage_with_lineage_and_reuses_them(tiny_setup, home
     changed = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"num_shards": 3})})
     third = pipeline_flow(cfg=changed, home=str(home))
     assert third["adapter_agent"] == results["adapter_agent"] and third["evaluation"] != results["evaluation"]
-    assert len(store.list("trajectories")) == 1 and len(store.list("evals")) == 2
+    assert len(store.list("rollout")) == 1 and len(store.list("evaluate")) == 2
     assert cached_pipeline(store, changed) == third
 
     # `distillery evaluate --methods cot,agent` with a per-method limit: only those rows, the limited
     # method on the first question of each dataset; a new artifact beside the others.
-    from flows.evaluate import evaluate_flow
+    from flows.pipeline import run_stage_flow
     from storage.errors import UserError
 
     methods = tuple(m.model_copy(update={"limit": 1}) if m.name == "cot" else m for m in cfg.evaluate.methods)
     chosen = cfg.evaluate.model_copy(update={"methods": methods}).only_methods(["agent", "cot"])
     assert [m.name for m in chosen.methods] == ["cot", "agent"]
-    subset = evaluate_flow(cfg.model_copy(update={"evaluate": chosen}), home=str(home))
+    subset = run_stage_flow("evaluate", cfg.model_copy(update={"evaluate": chosen}), str(home))["evaluate"]
     counts = query(home, f"select method, dataset, n from metrics where artifact_id = '{subset.id}' order by 1, 2")[1]
     assert counts == [("agent", "facts", 2), ("agent", "math", 4), ("cot", "facts", 1), ("cot", "math", 1)]
     with pytest.raises(UserError, match=r"unknown evaluation method\(s\) \['sag'\]; the config has \['cot'"):
@@ -168,18 +179,19 @@ def test_pipeline_runs_every_stage_with_lineage_and_reuses_them(tiny_setup, home
 
 
 def test_a_stage_flow_on_a_fresh_home_builds_each_missing_input_once(tiny_setup, home, prefect_harness):
-    from flows.evaluate import evaluate_flow
+    from flows.pipeline import run_stage_flow
     from flows.plans import plan_pipeline
 
     cfg, _ = tiny_setup
     methods = tuple(m for m in cfg.evaluate.methods if m.name == "agent-distilled")
     cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"methods": methods, "num_shards": 1})})
-    plan = plan_pipeline(ArtifactStore(home), cfg, ("evals",))
-    assert list(plan.stages) == ["index", "prefixes", "trajectories", "sft_data/agent", "adapters/agent", "evals"]
+    plan = plan_pipeline(ArtifactStore(home), cfg, ("evaluate",))
+    assert list(plan.stages) == ["index", "prefixes", "rollout", "sft/agent", "train/agent", "evaluate"]
     started = datetime.now(UTC)
-    evaluation = evaluate_flow(cfg, home=str(home))
-    # evaluate → index, train → (prefixes, rollout → the index already built): one run each.
-    assert stage_flow_runs(started) == dict.fromkeys(STAGE_FLOWS, 1)
-    assert evaluation == plan.ref("evals") and all(plan.built(name) for name in plan.stages)
-    # The CoT student is trained too (train builds every student of the config), but not evaluated.
-    assert len(ArtifactStore(home).list("adapters")) == 2
+    evaluation = run_stage_flow("evaluate", cfg, str(home))
+    # One flow, the evaluate stage's: it builds its missing inputs in order through their tasks, each once.
+    assert stage_flow_runs(started) == {**dict.fromkeys(STAGE_FLOWS, 0), "evaluate": 1}
+    assert evaluation == {"evaluate": plan.ref("evaluate")} and all(plan.built(name) for name in plan.stages)
+    assert stage_task_runs(started) == {name: 1 for name in ("index", "prefixes", "rollout", "sft", "train")}
+    # The CoT student is not evaluated, so it is not trained.
+    assert len(ArtifactStore(home).list("train")) == 1

@@ -44,16 +44,16 @@ reevaluate: {{enabled: false}}
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "| Model · method |" in done.stdout  # the report table is printed
     stages = dict(query(home, "select stage, count(*) from artifacts group by all")[1])
-    assert stages == {"index": 1, "trajectories": 1, "sft_data": 1, "adapters": 1, "evals": 1}
+    assert stages == {"index": 1, "rollout": 1, "sft": 1, "train": 1, "evaluate": 1}
     assert query(home, "select count(*), count(distinct question_id) from episodes")[1] == [(2, 2)]
     assert query(home, "select count(*) from sft_examples")[1] == [(2,)]
-    [(adapter_id, parents)] = query(home, "select id, parents from artifacts where stage = 'adapters'")[1]
-    [(data_id,)] = query(home, "select id from artifacts where stage = 'sft_data'")[1]
+    [(adapter_id, parents)] = query(home, "select id, parents from artifacts where stage = 'train'")[1]
+    [(data_id,)] = query(home, "select id from artifacts where stage = 'sft'")[1]
     assert data_id in parents
     assert sorted(query(home, "select method, dataset, n from metrics")[1]) == [
         ("agent-distilled", "facts", 2), ("cot", "facts", 2)]
     assert query(home, "select count(*) from losses")[1][0][0] >= 1
-    reports = list(home.glob("evals/*/report.md"))
+    reports = list(home.glob("evaluate/*/report.md"))
     assert len(reports) == 1 and "agent-distilled" in reports[0].read_text()
     assert list(reports[0].parent.glob("*.png"))
-    assert (home / "adapters" / adapter_id / "adapter" / "adapter_model.safetensors").is_file()
+    assert (home / "train" / adapter_id / "adapter" / "adapter_model.safetensors").is_file()

@@ -56,7 +56,7 @@ def old_evaluation(home) -> tuple[ArtifactStore, str]:
     """An evaluation artifact as the version-1 grader wrote it (no grader version in metrics or manifest)."""
     store = ArtifactStore(home)
     identity = {"evaluate": EVAL_CONFIG.model_dump(mode="json")}
-    artifact = store.begin("evals", identity, ["0123456789abcdef"])
+    artifact = store.begin("evaluate", identity, ["0123456789abcdef"])
     predictions = pa.Table.from_pylist(prediction_rows(artifact.ref.id), schema=PREDICTIONS)
     artifact.write_table("predictions", predictions, PREDICTIONS, part=0)
     metrics = compute_metrics(predictions, artifact.ref.id)
@@ -75,11 +75,11 @@ def test_regrade_rescores_into_a_new_artifact_and_keeps_the_source(old_evaluatio
     result = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(home), "regrade", source_id[:8]],
                             check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert (f"re-graded 8 predictions of evals/{source_id} with grader version {GRADER_VERSION}: "
+    assert (f"re-graded 8 predictions of evaluate/{source_id} with grader version {GRADER_VERSION}: "
             "2 verdicts changed (artifact written)") in result.stdout
     assert "warning" not in result.stderr.lower() and "Timeout is disabled" not in result.stderr
 
-    (new,) = [m for m in store.list("evals") if m["id"] != source_id]
+    (new,) = [m for m in store.list("evaluate") if m["id"] != source_id]
     assert new["parents"] == [source_id]
     assert new["config"]["regrade_of"] == source_id and new["config"]["grader_version"] == GRADER_VERSION
     assert new["metrics"]["grader_version"] == GRADER_VERSION and new["metrics"]["changed_verdicts"] == 2
@@ -107,7 +107,7 @@ def test_regrade_rescores_into_a_new_artifact_and_keeps_the_source(old_evaluatio
     # The source is untouched, and re-grading again with the same code finds the same artifact.
     assert {p.name: p.read_bytes() for p in store.resolve(source_id).path.rglob("*") if p.is_file()} == source_files
     assert main(["--home", str(home), "regrade", source_id]) == 0
-    assert len(store.list("evals")) == 2
+    assert len(store.list("evaluate")) == 2
 
 
 def test_regrade_of_a_missing_or_non_evaluation_artifact_is_one_line_and_exit_2(old_evaluation, home, capsys):
@@ -118,5 +118,5 @@ def test_regrade_of_a_missing_or_non_evaluation_artifact_is_one_line_and_exit_2(
     assert "no complete artifact with id 'deadbeef'" in capsys.readouterr().err
     assert main(["--home", str(home), "regrade", index.ref.id]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is from stage 'index'; regrade takes an evaluation ('evals')" in err
-    assert len(store.list("evals")) == 1
+    assert err.count("\n") == 1 and "is from stage 'index'; regrade takes an evaluation ('evaluate')" in err
+    assert len(store.list("evaluate")) == 1

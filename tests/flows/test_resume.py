@@ -98,7 +98,7 @@ evaluate:
 
 
 def test_sigkill_mid_rollout_then_rerun_gives_every_question_once(rollout_config, home):
-    pattern = "trajectories/*/episodes/part-*.parquet"
+    pattern = "rollout/*/episodes/part-*.parquet"
     before = kill_after_first_file(home, "rollout", rollout_config, pattern)
     rerun_and_check_untouched(home, "rollout", rollout_config, pattern, before)
     rows = query(home, "select count(*), count(distinct question_id), sum(correct::int) from episodes")[1]
@@ -107,7 +107,7 @@ def test_sigkill_mid_rollout_then_rerun_gives_every_question_once(rollout_config
 
 
 def test_sigkill_mid_evaluation_then_rerun_predicts_every_question_once(evaluate_config, home):
-    pattern = "evals/*/predictions/part-*.parquet"
+    pattern = "evaluate/*/predictions/part-*.parquet"
     before = kill_after_first_file(home, "evaluate", evaluate_config, pattern)
     assert 0 < len(before) < 6
     after = rerun_and_check_untouched(home, "evaluate", evaluate_config, pattern, before)
@@ -184,7 +184,7 @@ def assert_no_leftovers(tmp_path, within_s: float = 15) -> None:
 
 def test_sigterm_mid_evaluation_stops_within_seconds_and_keeps_the_finished_shard(slow_evaluate_config, home,
                                                                                    tmp_path):
-    pattern = "evals/*/predictions/part-*.parquet"
+    pattern = "evaluate/*/predictions/part-*.parquet"
     process = start_alone(home, tmp_path, slow_evaluate_config)
     wait_for(home, pattern, process)
     time.sleep(2)  # the second shard's first action is sleeping in the sandbox now
@@ -196,13 +196,13 @@ def test_sigterm_mid_evaluation_stops_within_seconds_and_keeps_the_finished_shar
     assert process.returncode == 128 + signal.SIGTERM
     assert "stopped by SIGTERM: finished parts are kept" in output
     assert [p.name for p in home.glob(pattern)] == ["part-00000.parquet"]
-    assert not list(home.glob("evals/*/manifest.json"))
+    assert not list(home.glob("evaluate/*/manifest.json"))
     assert_no_leftovers(tmp_path)
 
 
 def test_sigkill_leaves_no_process_behind(slow_evaluate_config, home, tmp_path):
     process = start_alone(home, tmp_path, slow_evaluate_config)
-    wait_for(home, "evals/*/predictions/part-*.parquet", process)
+    wait_for(home, "evaluate/*/predictions/part-*.parquet", process)
     assert leftover_processes(tmp_path)  # the stage, its reaper, Prefect's server, a sandbox worker
     process.kill()  # only the stage's process: its children are not signalled
     process.wait()

@@ -6,9 +6,9 @@ import os
 import pytest
 
 from flows.config import PipelineConfig
-from flows.evaluate import shard_pins
 from storage.catalog import query
 from storage.errors import UserError
+from tasks.evaluate import shard_pins
 from tasks.shard_worker import ShardPin
 from tests.flows.test_resume import write_inputs
 
@@ -40,9 +40,9 @@ def config(tmp_path, script=None) -> PipelineConfig:
 
 
 def test_processes_runner_runs_each_shard_in_its_own_process(tmp_path, home, prefect_harness):
-    from flows.evaluate import evaluate_flow
+    from flows.pipeline import run_stage_flow
 
-    ref = evaluate_flow(config(tmp_path), home=str(home))
+    ref = run_stage_flow("evaluate", config(tmp_path), str(home))["evaluate"]
     rows = query(home, "select shard, count(*), count(distinct question_id), sum(correct::int) from predictions "
                        "group by 1 order by 1")[1]
     assert sum(r[1] for r in rows) == 12 and all(r[1] == r[2] == r[3] for r in rows)
@@ -54,22 +54,22 @@ def test_processes_runner_runs_each_shard_in_its_own_process(tmp_path, home, pre
 
 
 def test_a_shard_that_fails_in_its_process_names_the_shard(tmp_path, home, prefect_harness):
-    from flows.evaluate import evaluate_flow
+    from flows.pipeline import run_stage_flow
 
     with pytest.raises(RuntimeError, match=r"evaluation shard \d of agent on sums failed in its process"):
-        evaluate_flow(config(tmp_path, tmp_path / "missing-script.json"), home=str(home))
-    assert not list(home.glob("evals/*/predictions/*.parquet"))
-    assert not list(home.glob("evals/*/manifest.json"))
+        run_stage_flow("evaluate", config(tmp_path, tmp_path / "missing-script.json"), str(home))
+    assert not list(home.glob("evaluate/*/predictions/*.parquet"))
+    assert not list(home.glob("evaluate/*/manifest.json"))
 
 
 def test_a_user_error_in_a_shard_process_comes_back_as_a_user_error(tmp_path, home, prefect_harness):
-    from flows.evaluate import evaluate_flow
+    from flows.pipeline import run_stage_flow
 
     short = tmp_path / "short-script.json"
     short.write_text(json.dumps(["Thought: answer.\nCode:\n```py\nfinal_answer('4')\n```<end_code>"]))
     # A UserError: the CLI prints it in one line and tasks.retries.is_transient does not retry it.
     with pytest.raises(UserError, match=r"evaluation shard \d of agent on sums: scripted generator ran out"):
-        evaluate_flow(config(tmp_path, short), home=str(home))
-    errors = sorted(home.glob("evals/*/jobs/shard-*.error"))
+        run_stage_flow("evaluate", config(tmp_path, short), str(home))
+    errors = sorted(home.glob("evaluate/*/jobs/shard-*.error"))
     assert errors and "ran out of completions" in errors[0].read_text()
-    assert not list(home.glob("evals/*/manifest.json"))
+    assert not list(home.glob("evaluate/*/manifest.json"))

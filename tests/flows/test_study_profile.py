@@ -47,7 +47,7 @@ def test_the_study_profile_runs_end_to_end_at_a_tiny_scale(tmp_path, home):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     stages = dict(query(home, "select stage, count(*) from artifacts group by all")[1])
-    assert stages == {"index": 1, "prefixes": 1, "trajectories": 1, "sft_data": 2, "adapters": 2, "evals": 1}
+    assert stages == {"index": 1, "prefixes": 1, "rollout": 1, "sft": 2, "train": 2, "evaluate": 1}
     [(episodes, correct)] = query(home, "select count(*), sum(correct::int) from episodes")[1]
     assert episodes == 3 and correct >= 1  # the teacher solves some, so the paper's filter keeps some
     [(kept,)] = query(home, "select count(*) from sft_examples where kind = 'agent'")[1]
@@ -59,5 +59,5 @@ def test_the_study_profile_runs_end_to_end_at_a_tiny_scale(tmp_path, home):
     assert all(n == 1 for _, _, n in rows)
     models = {method: model for method, model, _ in rows}
     assert models["teacher-agent"] == "qwen2.5-coder-1.5b-instruct" and models["cot"] == "qwen2.5-coder-0.5b-instruct"
-    for adapter in home.glob("adapters/*/adapter"):
+    for adapter in home.glob("train/*/adapter"):
         assert (adapter / "adapter_model.safetensors").is_file()

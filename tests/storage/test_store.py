@@ -27,18 +27,18 @@ def test_ids_are_content_hashes():
 
 def test_manifest_is_written_last_and_makes_the_artifact_visible(home):
     store = ArtifactStore(home)
-    art = store.begin("trajectories", {"n": 2}, ["parent0"])
+    art = store.begin("rollout", {"n": 2}, ["parent0"])
     art.write_table("episodes", episode_rows(["q1", "q2"]), EPISODES, part=0)
     assert not store.exists(art.ref)
     assert query(home, "select count(*) from episodes")[1] == [(0,)]
     assert query(home, "select count(*) from artifacts")[1] == [(0,)]
     art.finish({"episodes": 2}, {"accuracy": 1.0})
     manifest = json.loads((art.path / MANIFEST).read_text())
-    assert manifest["stage"] == "trajectories" and manifest["id"] == art.ref.id
+    assert manifest["stage"] == "rollout" and manifest["id"] == art.ref.id
     assert manifest["parents"] == ["parent0"] and manifest["row_counts"] == {"episodes": 2}
     assert manifest["config"] == {"n": 2} and manifest["code_version"] and manifest["created"]
     assert query(home, "select question_id, stage, artifact_id from episodes order by 1")[1] == [
-        ("q1", "trajectories", art.ref.id), ("q2", "trajectories", art.ref.id)]
+        ("q1", "rollout", art.ref.id), ("q2", "rollout", art.ref.id)]
 
 
 def test_writers_cast_to_the_schema_and_reject_unknown_columns(home):
@@ -51,15 +51,15 @@ def test_writers_cast_to_the_schema_and_reject_unknown_columns(home):
 def test_lineage_and_listing(home):
     store = ArtifactStore(home)
     index = store.begin("index", {"a": 1}).finish()
-    traj = store.begin("trajectories", {"b": 1}, [index.id]).finish()
-    adapter = store.begin("adapters", {"c": 1}, [traj.id]).finish()
+    traj = store.begin("rollout", {"b": 1}, [index.id]).finish()
+    adapter = store.begin("train", {"c": 1}, [traj.id]).finish()
     assert [m["id"] for m in store.lineage(adapter.id)] == [adapter.id, traj.id, index.id]
-    assert [m["stage"] for m in store.list("adapters")] == ["adapters"]
+    assert [m["stage"] for m in store.list("train")] == ["train"]
     assert store.resolve(adapter.id[:8]) == adapter
     with pytest.raises(ArtifactError, match="no complete artifact"):
         store.manifest("deadbeef")
-    rows = query(home, "select stage, parents from artifacts where stage = 'adapters'")[1]
-    assert rows == [("adapters", [traj.id])]
+    rows = query(home, "select stage, parents from artifacts where stage = 'train'")[1]
+    assert rows == [("train", [traj.id])]
 
 
 def _die_mid_write(root):
@@ -67,7 +67,7 @@ def _die_mid_write(root):
     import pyarrow.parquet as pq
 
     store = ArtifactStore(root)
-    art = store.begin("trajectories", {"crash": True})
+    art = store.begin("rollout", {"crash": True})
     art.write_table("episodes", episode_rows(["q1"]), EPISODES, part=0)
     real_write = pq.write_table
 
@@ -85,13 +85,13 @@ def test_writer_killed_mid_write_leaves_nothing_visible_and_next_write_succeeds(
     child.join(60)
     assert child.exitcode == 17
     store = ArtifactStore(home)
-    folder = next((home / "trajectories").iterdir())
+    folder = next((home / "rollout").iterdir())
     assert not (folder / MANIFEST).exists()
     assert any(".tmp-" in p.name for p in (folder / "episodes").iterdir())  # the torn temp file is there
     assert query(home, "select count(*) from episodes")[1] == [(0,)]
     assert query(home, "select count(*) from artifacts")[1] == [(0,)]
     # The next writer resumes the same artifact: the stale temp file is cleaned, part 0 is kept.
-    art = store.begin("trajectories", {"crash": True})
+    art = store.begin("rollout", {"crash": True})
     assert not any(".tmp-" in p.name for p in (folder / "episodes").iterdir())
     art.write_table("episodes", episode_rows(["q2"]), EPISODES, part=1)
     art.finish({"episodes": 2})
@@ -100,7 +100,7 @@ def test_writer_killed_mid_write_leaves_nothing_visible_and_next_write_succeeds(
 
 def _write_parts(root, parts):
     store = ArtifactStore(root)
-    art = store.begin("trajectories", {"shared": True})
+    art = store.begin("rollout", {"shared": True})
     for part in parts:
         art.write_table("episodes", episode_rows([f"q{part}-{i}" for i in range(50)]), EPISODES, part=part)
 
@@ -113,12 +113,12 @@ def test_two_processes_writing_parts_of_one_table_lose_no_rows(home):
     for worker in workers:
         worker.join(120)
         assert worker.exitcode == 0
-    ArtifactStore(home).begin("trajectories", {"shared": True}).finish()
+    ArtifactStore(home).begin("rollout", {"shared": True}).finish()
     assert query(home, "select count(*), count(distinct question_id) from episodes")[1] == [(2000, 2000)]
 
 
 def test_a_retried_part_replaces_itself(home):
-    art = ArtifactStore(home).begin("trajectories", {"retry": True})
+    art = ArtifactStore(home).begin("rollout", {"retry": True})
     art.write_table("episodes", episode_rows(["a", "b"]), EPISODES, part=3)
     art.write_table("episodes", episode_rows(["a", "b"]), EPISODES, part=3)
     art.finish()
@@ -126,7 +126,7 @@ def test_a_retried_part_replaces_itself(home):
 
 
 def test_truncated_parquet_is_skipped_with_a_warning_naming_it(home):
-    art = ArtifactStore(home).begin("trajectories", {"t": 1})
+    art = ArtifactStore(home).begin("rollout", {"t": 1})
     good = art.write_table("episodes", episode_rows(["q1"]), EPISODES, part=0)
     bad = art.write_table("episodes", episode_rows(["q2"]), EPISODES, part=1)
     art.finish()

@@ -6,18 +6,19 @@ import time
 import pytest
 from prefect import flow, task
 
+from flows.stages import STAGES
 from questions.datasets import DatasetError
 from retrieval.retriever import RetrieverUnavailable
-from tasks.evaluate import evaluate_shard
-from tasks.index import build_index
-from tasks.prefixes import build_prefixes
+from tasks.evaluate import evaluate_shard, finish_evaluation
 from tasks.retries import is_transient
-from tasks.rollout import run_rollouts
 
 
 def test_every_stage_task_with_retries_skips_them_for_user_errors():
-    for stage_task in (build_index, build_prefixes, run_rollouts, evaluate_shard):
-        assert stage_task.retries >= 1 and stage_task.retry_condition_fn is is_transient, stage_task.name
+    tasks = [entry.build() for entry in STAGES if entry.name != "evaluate"] + [evaluate_shard, finish_evaluation]
+    retried = [t for t in tasks if t.retries]
+    assert {t.name for t in retried} == {"index", "prefixes", "rollout", "evaluate-shard", "evaluate"}
+    for stage_task in retried:
+        assert stage_task.retries == 1 and stage_task.retry_condition_fn is is_transient, stage_task.name
 
 
 @pytest.mark.parametrize("error, attempts", [

@@ -144,27 +144,26 @@ def rank_pid(job_path: Path, rank: int) -> int | None:
 def sft_data(store: ArtifactStore, examples: list[list[dict]]):
     rows = [{"question_id": f"q{i}", "sample_index": 0, "dataset": "synthetic", "kind": "agent",
              "messages_json": json.dumps(messages)} for i, messages in enumerate(examples)]
-    artifact = store.begin("sft_data", {"test": "ddp"})
+    artifact = store.begin("sft", {"test": "ddp"})
     artifact.write_table("sft_examples", pa.Table.from_pylist(rows, schema=SFT_EXAMPLES), SFT_EXAMPLES)
     return artifact.finish({"sft_examples": len(rows)})
 
 
 @pytest.mark.slow
 def test_a_rank_that_dies_fails_the_stage_with_one_error_and_a_rerun_resumes(tmp_path, two_and_one, tiny_student):
-    from flows.plans import plan_train
-    from tasks.train import train_student
+    from tasks.train import train_adapter
 
     _, straight = two_and_one
     store = ArtifactStore(tmp_path / "home")
     data = sft_data(store, make_examples(16))
     cfg = config(tiny_student, grad_accum=1)
-    plan = plan_train(store, cfg, data)
+    plan = store.plan_stage("train", {"train": cfg.model_dump(mode="json")}, [data.id])
     job_path = plan.ref.path / "job.json"
     raised: list[BaseException] = []
 
     def stage(resume: bool):
         try:
-            return train_student.fn(plan, cfg, data, resume=resume, accelerate_config=str(CPU_DDP))
+            return train_adapter(plan, cfg, data, resume=resume, accelerate_config=str(CPU_DDP))
         except BaseException as error:  # noqa: BLE001 - handed to the test thread
             raised.append(error)
 
@@ -192,7 +191,7 @@ def test_a_rank_that_dies_fails_the_stage_with_one_error_and_a_rerun_resumes(tmp
     assert "Root Cause" in (plan.ref.path / "launch-error.log").read_text()
     assert not store.exists(plan.ref) and not (plan.ref.path / "metrics.json").exists()
 
-    ref = train_student.fn(plan, cfg, data, resume=True, accelerate_config=str(CPU_DDP))
+    ref = train_adapter(plan, cfg, data, resume=True, accelerate_config=str(CPU_DDP))
     assert store.exists(ref)
     metrics = store.manifest(ref)["metrics"]
     assert metrics["steps"] == STEPS

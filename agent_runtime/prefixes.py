@@ -2,7 +2,9 @@
 
 The teacher answers each training question with a plain chain-of-thought prompt; the first step
 (first paragraph) of its solution becomes that question's FTP prefix, and the whole solution, when
-correct, is a training example for the CoT-distilled baseline student.
+correct, is a training example for the CoT-distilled baseline student. The code of the ``prefixes`` stage
+(task: ``tasks/prefixes.py``); the grader is passed in, as to the rollout runner, so the runtime imports no
+evaluation code.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent_runtime.cot import first_step, run_cot
 from agent_runtime.engine import AgentTask
-from evaluation.grading import extract_answer, grade
+from agent_runtime.rollout import Grader
 from questions.datasets import Question
 
 
@@ -31,9 +33,11 @@ class PrefixConfig(BaseModel):
     )
 
 
-def solve_with_cot(questions: list[Question], kind: str, generator, cfg: PrefixConfig,
+def solve_with_cot(questions: list[Question], kind: str, generator, cfg: PrefixConfig, grade: Grader,
+                   extract_answer: Callable[[str], str | None],
                    on_progress: Callable[[int], None] | None = None) -> list[dict]:
-    """One ``cot_solutions`` row per question: the solution, its graded answer and its first step."""
+    """One ``cot_solutions`` row per question: the solution, its answer (``extract_answer``) graded by
+    ``grade``, and its first step."""
     tasks = [AgentTask(q.id, q.question) for q in questions]
     results = run_cot(tasks, generator, cfg.max_new_tokens, cfg.temperature, cfg.seed, batch_size=cfg.batch_size,
                       on_progress=None if on_progress is None else lambda finished, _total: on_progress(finished))
