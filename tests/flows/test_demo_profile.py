@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from flows_fixtures import CORPUS
 
 from storage.catalog import query
-from tests.flows.test_pipeline import CORPUS
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from flows_fixtures import demo
 
 from flows.cli import build_parser
 from flows.config import PipelineConfig
@@ -35,10 +36,6 @@ from storage.store import ArtifactStore
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOWS = {"pipeline", "index", "prefixes", "rollout", "train", "evaluate", "reevaluate"}
-
-
-def demo(*overrides: str) -> PipelineConfig:
-    return load_config(PipelineConfig, None, list(overrides))
 
 
 def by_flow(deployments) -> dict:

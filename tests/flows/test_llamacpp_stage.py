@@ -34,7 +34,7 @@ reevaluate: {{enabled: false}}
 def write_config(tmp_path, questions: int, shards: int):
     import json
 
-    from tests.flows.test_pipeline import CORPUS
+    from flows_fixtures import CORPUS
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(doc) + "\n" for doc in CORPUS))

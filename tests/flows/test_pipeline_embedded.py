@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from flows_fixtures import CORPUS
 
 from storage.catalog import query
-from tests.flows.test_pipeline import CORPUS
 
 
 @pytest.mark.slow
