@@ -358,6 +358,7 @@ def stop_group(process: subprocess.Popen) -> None:
 
 @pytest.mark.server
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # server start (420 s) + the run (1200 s): longer than the suite's default
 def test_pipeline_deployment_runs_on_a_real_server(stack):
     from prefect.deployments import run_deployment
 
