@@ -1,4 +1,8 @@
-"""Shared fixtures: every test gets its own artifact root and runs offline."""
+"""Shared fixtures: every test gets its own artifact root and runs offline; a tiny random student.
+
+Helpers that are not fixtures live in each package's ``<package>_fixtures.py`` (for example
+``tests/training/training_fixtures.py``); no test module imports another test module.
+"""
 
 import os
 import sys
@@ -29,3 +33,34 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=300):
         yield
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer():
+    """SmolLM2's tokenizer and chat template, read from the embedded GGUF (a few seconds, once per session)."""
+    from training.sft import load_tokenizer
+
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory, smollm_tokenizer) -> Path:
+    """A folder with a tiny random LlamaForCausalLM and the SmolLM2 tokenizer (a valid base_model).
+
+    2 layers, hidden size 64: a training step takes milliseconds on CPU. Used by the training tests and
+    by the pipeline tests as the student.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-student")
+    config = LlamaConfig(
+        vocab_size=len(smollm_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=smollm_tokenizer.bos_token_id, eos_token_id=smollm_tokenizer.eos_token_id,
+        pad_token_id=smollm_tokenizer.pad_token_id,
+    )
+    torch.manual_seed(1234)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    smollm_tokenizer.save_pretrained(folder)
+    return folder

@@ -83,7 +83,6 @@ def test_cut_at_stop_takes_the_earliest_stop():
 
 
 def test_top_p_filter_keeps_the_smallest_set_reaching_p():
-    torch = pytest.importorskip("torch")
     from agent_runtime.backends.transformers_backend import top_p_filter
 
     probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
@@ -95,7 +94,6 @@ def test_top_p_filter_keeps_the_smallest_set_reaching_p():
 
 
 def test_row_sampler_draws_do_not_depend_on_the_other_rows():
-    torch = pytest.importorskip("torch")
     from agent_runtime.backends.transformers_backend import RowSampler
 
     scores = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
@@ -114,7 +112,6 @@ def test_row_sampler_draws_do_not_depend_on_the_other_rows():
 
 
 def test_shared_prefix_leaves_every_row_a_token_of_its_own():
-    pytest.importorskip("torch")
     from agent_runtime.backends.transformers_backend import shared_prefix_length
 
     assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
@@ -124,7 +121,6 @@ def test_shared_prefix_leaves_every_row_a_token_of_its_own():
 
 
 def test_preallocated_layer_matches_concatenation():
-    torch = pytest.importorskip("torch")
     from transformers.cache_utils import DynamicLayer
 
     from agent_runtime.backends.transformers_backend import PreallocatedLayer
@@ -147,7 +143,6 @@ def test_preallocated_layer_matches_concatenation():
 
 
 def test_left_pad_puts_padding_on_the_left():
-    torch = pytest.importorskip("torch")
     from agent_runtime.backends.transformers_backend import left_pad
 
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0, device=torch.device("cpu"))
@@ -483,7 +478,6 @@ def test_vllm_serves_a_base_and_its_adapters_from_one_engine(fake_vllm, tmp_path
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (GPU extra)")
 def test_vllm_real():
-    torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("vllm needs a CUDA device")
     generator = make_generator(BackendConfig(kind="vllm", gpu_memory_utilization=0.3, max_model_len=2048))

@@ -362,7 +362,8 @@ def test_smollm2_runs_as_a_codeact_agent_with_sag(sandbox) -> None:
     complete, consistent records, not that it answers correctly. The short student prompt keeps the
     CPU prefill small (the teacher prompt is ~1,150 tokens, repeated for every sample).
     """
-    torch = pytest.importorskip("torch")
+    import torch
+
     from agent_runtime.backends import BackendConfig, make_generator
 
     # One intra-op thread: on a CPU shared with other jobs, torch's spin-waiting threads run ~10x slower.

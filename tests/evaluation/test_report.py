@@ -7,7 +7,7 @@ from collections import Counter
 
 import pyarrow as pa
 import pytest
-from test_metrics import ADAPTER, sample_predictions, sample_rows
+from evaluation_fixtures import ADAPTER, sample_predictions, sample_rows
 
 from evaluation.grading import GRADER_VERSION
 from evaluation.metrics import PredictionsError, compute_metrics, prediction_records

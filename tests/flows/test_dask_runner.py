@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+from flows_fixtures import write_inputs
 
 from storage.catalog import query
-from tests.flows.test_resume import write_inputs
 
 pytest.importorskip("prefect_dask", reason="the dask extra is not installed: pip install -e '.[dask]'")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from flows_fixtures import demo
 
 from flows.cli import build_parser
 from flows.config import PipelineConfig
@@ -36,10 +37,6 @@ from storage.store import ArtifactStore
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOWS = {"pipeline", *stage_names(), "reevaluate"}
-
-
-def demo(*overrides: str) -> PipelineConfig:
-    return load_config(PipelineConfig, None, list(overrides))
 
 
 def by_flow(deployments) -> dict:
@@ -367,6 +364,7 @@ def stop_group(process: subprocess.Popen) -> None:
 
 @pytest.mark.server
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # server start (420 s) + the run (1200 s): longer than the suite's default
 def test_pipeline_deployment_runs_on_a_real_server(stack):
     from prefect.deployments import run_deployment
 

@@ -34,7 +34,7 @@ reevaluate: {{enabled: false}}
 def write_config(tmp_path, questions: int, shards: int):
     import json
 
-    from tests.flows.test_pipeline import CORPUS
+    from flows_fixtures import CORPUS
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(doc) + "\n" for doc in CORPUS))
@@ -44,6 +44,7 @@ def write_config(tmp_path, questions: int, shards: int):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the stage's own budget below; longer than the suite's default
 def test_evaluate_with_the_teacher_on_llamacpp_answers_questions(tmp_path, home):
     config = write_config(tmp_path, questions=4, shards=1)
     done = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(home), "evaluate", "--config",

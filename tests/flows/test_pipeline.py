@@ -11,24 +11,17 @@ from contextlib import nullcontext
 from datetime import UTC, datetime
 
 import pytest
+from flows_fixtures import CORPUS
 
 from agent_runtime.backends.scripted import ScriptedGenerator
 from agent_runtime.prompts import COT_SYSTEM_PROMPT
 from flows.config import PipelineConfig
 from storage.catalog import query
 from storage.store import ArtifactStore
-from tests.training.conftest import smollm_tokenizer, tiny_student  # noqa: F401  (fixtures)
 
 MATH = {"What is 2 + 3?": "5", "What is 7 * 6?": "42", "What is 10 - 4?": "6", "What is 9 + 9?": "18"}
 FACTS = {"Which planet is known as the Red Planet?": "Mars", "What is the capital of France?": "Paris"}
 ANSWERS = {**MATH, **FACTS}
-CORPUS = [
-    {"id": "1", "title": "Mars", "text": "Mars is the fourth planet from the Sun, known as the Red Planet."},
-    {"id": "2", "title": "Paris", "text": "Paris is the capital and largest city of France."},
-    {"id": "3", "title": "Addition", "text": "Addition is one of the four basic operations of arithmetic."},
-    {"id": "4", "title": "Jupiter", "text": "Jupiter is the largest planet in the Solar System."},
-    {"id": "5", "title": "Berlin", "text": "Berlin is the capital of Germany."},
-]
 
 
 def scripted_model(request, sample_index):
@@ -45,7 +38,7 @@ def scripted_model(request, sample_index):
 
 
 @pytest.fixture
-def tiny_setup(tmp_path, tiny_student, monkeypatch):  # noqa: F811
+def tiny_setup(tmp_path, tiny_student, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     (data / "corpus.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in CORPUS))

@@ -7,12 +7,13 @@ import subprocess
 import sys
 
 import pytest
+from flows_fixtures import CORPUS
 
 from storage.catalog import query
-from tests.flows.test_pipeline import CORPUS
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a whole run on real models: longer than the suite's default (pyproject.toml)
 def test_distillery_run_on_the_embedded_models(tmp_path, home):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(doc) + "\n" for doc in CORPUS))

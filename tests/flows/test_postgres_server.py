@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+from flows_fixtures import demo
 
 from bench.local_services import postgres, postgres_bin, prefect_workers, project_env, stop, tail
 from flows.deployments import DEPLOYMENT_NAME
 from flows.server import free_port
-from tests.flows.test_deployments import demo
 
 ROOT = Path(__file__).resolve().parents[2]
 POOL = "distillery-postgres"

@@ -12,23 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from flows_fixtures import SLEEP_ACTION, write_inputs
 
 from storage.catalog import query
-
-ACTION = "Thought: answer.\nCode:\n```py\nimport time\ntime.sleep({seconds})\nfinal_answer('4')\n```<end_code>"
-
-
-def write_inputs(tmp_path, seconds: float) -> dict[str, str]:
-    """A 4-document corpus, 12 questions whose answer is 4, and a script that sleeps, then answers 4."""
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"id": str(i), "title": f"T{i}", "text": f"text {i}"}) + "\n"
-                              for i in range(4)))
-    questions = tmp_path / "q.jsonl"
-    questions.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + 4 - {i}?", "answer": "4"})
-                                 + "\n" for i in range(12)))
-    script = tmp_path / "script.json"
-    script.write_text(json.dumps([ACTION.format(seconds=seconds)] * 100))
-    return {"corpus": str(corpus), "questions": str(questions), "script": str(script)}
 
 
 def start(home, command: str, config):
@@ -123,8 +109,8 @@ def test_sigkill_mid_evaluation_then_rerun_predicts_every_question_once(evaluate
 def slow_evaluate_config(tmp_path):
     """The evaluation above, but only the first shard is quick: every later action sleeps 60 s."""
     paths = write_inputs(tmp_path, seconds=60)
-    quick = ACTION.format(seconds=0.1)
-    Path(paths["script"]).write_text(json.dumps([quick, quick] + [ACTION.format(seconds=60)] * 20))
+    quick = SLEEP_ACTION.format(seconds=0.1)
+    Path(paths["script"]).write_text(json.dumps([quick, quick] + [SLEEP_ACTION.format(seconds=60)] * 20))
     config = tmp_path / "slow.yaml"
     config.write_text(f"""
 index: {{corpus: {{source: "{paths['corpus']}"}}}}

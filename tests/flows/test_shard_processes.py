@@ -4,13 +4,13 @@ import json
 import os
 
 import pytest
+from flows_fixtures import write_inputs
 
 from flows.config import PipelineConfig
 from storage.catalog import query
 from storage.errors import UserError
 from tasks.evaluate import shard_pins
 from tasks.shard_worker import ShardPin
-from tests.flows.test_resume import write_inputs
 
 
 def test_pins_give_each_process_its_share_of_the_cores():

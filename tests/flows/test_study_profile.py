@@ -8,14 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from flows_fixtures import CORPUS
 
 from storage.catalog import query
-from tests.flows.test_pipeline import CORPUS
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a whole run on real models: longer than the suite's default (pyproject.toml)
 def test_the_study_profile_runs_end_to_end_at_a_tiny_scale(tmp_path, home):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(doc) + "\n" for doc in CORPUS))

@@ -16,11 +16,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from training_fixtures import CONFIGS, make_examples, write_examples
 
 from storage.schemas import SFT_EXAMPLES
 from storage.store import ArtifactStore
-from tests.training.conftest import make_examples
-from tests.training.test_launch import CONFIGS, write_examples
 from training.checkpoints import latest_checkpoint
 from training.launch import (
     LaunchError,

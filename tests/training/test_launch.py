@@ -12,21 +12,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from training_fixtures import CONFIGS, make_examples, write_examples
 
 from storage.schemas import SFT_EXAMPLES, rows_to_table
-from tests.training.conftest import make_examples
 from training.checkpoints import latest_checkpoint
 from training.launch import PROJECT_ROOT, TrainJob, launch_accelerate, read_examples, write_job
 from training.sft import TrainConfig, train_lora
-
-CONFIGS = PROJECT_ROOT / "configs" / "accelerate"
-
-
-def write_examples(path: Path, examples: list[list[dict]]) -> Path:
-    rows = [{"question_id": f"q{i}", "sample_index": 0, "dataset": "synthetic", "kind": "agent",
-             "messages_json": json.dumps(messages)} for i, messages in enumerate(examples)]
-    pq.write_table(rows_to_table(rows, SFT_EXAMPLES), path)
-    return path
 
 
 def job_for(tmp_path: Path, base: Path, **overrides) -> TrainJob:

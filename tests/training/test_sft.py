@@ -10,10 +10,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from training_fixtures import make_examples
 
 from devices.precision import cpu_has_native_bf16
 from storage.schemas import LOSSES
-from tests.training.conftest import make_examples
 from training.checkpoints import MARKER, checkpoint_path, latest_checkpoint
 from training.examples import TemplateError
 from training.sft import (
