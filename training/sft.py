@@ -125,7 +125,7 @@ class Run:
 
 
 @dataclass
-class Progress:
+class LoopState:
     """Loop state saved in checkpoints: optimizer steps done, tokens trained, logged loss rows
     (``checkpoint_s``, the time this session spent writing checkpoints, is not saved)."""
 
@@ -362,9 +362,9 @@ def train_step(run: Run, accelerator, step: int) -> tuple[float, int]:
 
 
 def run_steps(
-    run: Run, accelerator, progress: Progress, checkpoints: Path,
+    run: Run, accelerator, progress: LoopState, checkpoints: Path,
     on_step: Callable[[int, int, float], None] | None = None,
-) -> Progress:
+) -> LoopState:
     """Train from ``progress.step`` to the last step (``max_steps`` or the schedule's end),
     checkpointing every ``checkpoint_every`` steps and at the end."""
     from tqdm.auto import tqdm
@@ -398,13 +398,13 @@ def run_steps(
     return progress
 
 
-def resume_progress(run: Run, accelerator, checkpoints: Path) -> Progress:
-    """Restore the newest complete checkpoint into ``run``; a fresh Progress when there is none."""
+def resume_progress(run: Run, accelerator, checkpoints: Path) -> LoopState:
+    """Restore the newest complete checkpoint into ``run``; a fresh LoopState when there is none."""
     path = latest_checkpoint(checkpoints)
     if path is None:
         if accelerator.is_main_process:
             print(f"resume: no complete checkpoint under {checkpoints}; training from scratch")
-        return Progress()
+        return LoopState()
     record = load_checkpoint(accelerator, path)
     if record["fingerprint"] != run.fingerprint:
         raise ValueError(
@@ -413,7 +413,7 @@ def resume_progress(run: Run, accelerator, checkpoints: Path) -> Progress:
         )
     if accelerator.is_main_process:
         print(f"resume: continuing from {path} (step {record['step']} of {run.total_steps})")
-    return Progress(step=record["step"], tokens=record["tokens"], losses=record["losses"])
+    return LoopState(step=record["step"], tokens=record["tokens"], losses=record["losses"])
 
 
 # ---------------------------------------------------------------- outputs
@@ -471,7 +471,7 @@ def train_lora(
     accelerator = make_accelerator(cfg)
     run = setup_run(cfg, examples, accelerator)
     checkpoints = out_dir / "checkpoints"
-    progress = resume_progress(run, accelerator, checkpoints) if resume else Progress()
+    progress = resume_progress(run, accelerator, checkpoints) if resume else LoopState()
     start_step, start_tokens, started = progress.step, progress.tokens, time.perf_counter()
     progress = run_steps(run, accelerator, progress, checkpoints, on_step)
     elapsed = time.perf_counter() - started

@@ -48,7 +48,7 @@ from agent_runtime.generation import (
     cut_at_stop,
     sample_seed,
 )
-from devices.precision import resolve_dtype as dtype_name
+from devices.precision import resolve_dtype
 from models.resolve import ModelSource, resolve_model
 from storage.store import atomic_dir
 
@@ -66,7 +66,7 @@ class TransformersGenerator:
         self.cfg = cfg
         self.name = f"transformers:{cfg.model}" + (f"+{cfg.adapter}" if cfg.adapter else "")
         self.device = resolve_device(cfg.device)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.dtype = torch_dtype(cfg.dtype, self.device)
         self.model, self.tokenizer = load_model(
             resolve_model(cfg.model), self.device, self.dtype, cfg.adapter
         )
@@ -360,9 +360,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The torch dtype of ``dtype`` on ``device`` (see ``devices.precision``)."""
-    return getattr(torch, dtype_name(dtype, device.type))
+def torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The torch dtype that ``dtype`` means on ``device`` (``devices.precision.resolve_dtype``)."""
+    return getattr(torch, resolve_dtype(dtype, device.type))
 
 
 def load_model(

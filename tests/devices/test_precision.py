@@ -8,7 +8,7 @@ precision), so that the result does not depend on the CPU the tests run on.
 import pytest
 import torch
 
-from agent_runtime.backends.transformers_backend import resolve_dtype as backend_dtype
+from agent_runtime.backends.transformers_backend import torch_dtype as backend_dtype
 from devices.precision import cpu_has_native_bf16, resolve_dtype
 from retrieval.embed import resolve_precision
 from training.sft import TrainConfig, make_accelerator

@@ -17,8 +17,8 @@ from storage.schemas import LOSSES
 from training.checkpoints import MARKER, checkpoint_path, latest_checkpoint
 from training.examples import TemplateError
 from training.sft import (
+    LoopState,
     NonFiniteLossError,
-    Progress,
     TrainConfig,
     epoch_batches,
     make_accelerator,
@@ -147,7 +147,7 @@ def test_nonfinite_loss_stops_before_the_update(tiny_student):
         lora_b.fill_(float("nan"))
     a_before = {n: p.detach().clone() for n, p in run.model.named_parameters() if "lora_A" in n}
     with pytest.raises(NonFiniteLossError, match="optimizer step 1"):
-        run_steps(run, make_accelerator(cfg), Progress(), Path("/nonexistent/never-written"))
+        run_steps(run, make_accelerator(cfg), LoopState(), Path("/nonexistent/never-written"))
     assert all(torch.equal(a_before[n], p) for n, p in run.model.named_parameters() if "lora_A" in n)
 
 
