@@ -31,7 +31,7 @@ from storage.schemas import conform
 MANIFEST = "manifest.json"
 TMP_MARK = ".tmp-"
 PACKAGES = ("agent_runtime", "devices", "models", "questions", "retrieval", "storage", "training", "evaluation",
-            "tasks", "flows")
+            "tasks", "flows", "services")
 # The code each stage's output depends on: editing evaluation code must not rebuild the index.
 STAGE_CODE = {
     "index": ("devices", "retrieval", "storage"),
