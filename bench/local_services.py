@@ -14,73 +14,29 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.server import HOST, free_port, server_env, wait_healthy
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-# ----------------------------------------------------------------------------- processes
-
-def start(command: list[str], log: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
-    """Start ``command`` in a session of its own (so :func:`stop` reaches its children), output to ``log``."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=dict(env or os.environ),
-                                cwd=PROJECT_ROOT, start_new_session=True)
+from flows.server import start_server, wait_healthy
+from services.client import NoAnswer, Refused, ServiceClient
+from services.processes import HOST, PROJECT_ROOT, Child, free_port, port_open, project_env, start, tail
 
 
-def stop(process: subprocess.Popen, timeout_s: float = 30) -> None:
-    """SIGTERM the process group of ``process``, then SIGKILL whatever is left after ``timeout_s``."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
-        except ProcessLookupError:
-            return
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # children that outlived their parent
-    except ProcessLookupError:
-        pass
-    process.wait()
+def start_service(command: list[str], log: Path, env: Mapping[str, str] | None = None) -> Child:
+    """Start ``command`` in this checkout, in a session of its own (so ``stop`` reaches every process it
+    starts), output to ``log``."""
+    return start(command, name=" ".join(Path(part).name for part in command[:4]), log=log, env=env,
+                 new_session=True, cwd=PROJECT_ROOT)
 
 
-def project_env(**extra: str) -> dict[str, str]:
-    """This environment with the project importable and nothing fetched from a model hub."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return env
-
-
-def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    """Until something accepts TCP connections on ``HOST:port``; raises RuntimeError with the log's end."""
-    import socket
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[:4]} exited with code {process.returncode}:\n{tail(log)}")
-        with socket.socket() as sock:
-            sock.settimeout(1)
-            if sock.connect_ex((HOST, port)) == 0:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on {HOST}:{port} after {timeout_s:.0f} s:\n{tail(log)}")
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else "(no log)"
+def stop(child: Child, timeout_s: float = 30) -> None:
+    """SIGTERM ``child`` and everything it started, SIGKILL whatever is left after ``timeout_s``."""
+    child.stop(timeout_s)
 
 
 # ----------------------------------------------------------------------------- PostgreSQL
@@ -120,6 +76,7 @@ def postgres(database: str = "prefect", user: str = "prefect", timeout_s: float 
     data, log, port = folder / "data", folder / "server.log", free_port()
     if as_postgres:
         shutil.chown(folder, "postgres", "postgres")
+
     try:
         run = [*as_postgres, str(binaries / "initdb"), "-D", str(data), "-U", user, "--auth=trust",
                "--encoding=UTF8", "--no-sync"]
@@ -132,7 +89,7 @@ def postgres(database: str = "prefect", user: str = "prefect", timeout_s: float 
         yield Postgres(port, database, user)
     except subprocess.CalledProcessError as error:
         raise RuntimeError(f"{' '.join(error.cmd)} failed: {error.stderr.decode(errors='replace')}\n"
-                           f"{tail(log)}") from error
+                           + "\n".join(tail(log, 30))) from error
     finally:
         if (data / "postmaster.pid").exists():
             subprocess.run([*as_postgres, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w",
@@ -150,14 +107,13 @@ def prefect_server(home: Path, logs: Path, database_url: str | None = None,
     port = free_port()
     environ = project_env(**({"PREFECT_API_DATABASE_CONNECTION_URL": database_url} if database_url else {}))
     (home / "prefect-server").mkdir(parents=True, exist_ok=True)
-    process = start([sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port),
-                     "--analytics-off"], logs / "prefect-server.log", server_env(home, port, environ))
+    server = start_server(home, port, logs / "prefect-server.log", environ)
     try:
         api_url = f"http://{HOST}:{port}/api"
-        wait_healthy(api_url, process, logs / "prefect-server.log", timeout_s)
+        wait_healthy(api_url, server, timeout_s)
         yield api_url
     finally:
-        stop(process)
+        stop(server)
 
 
 # ----------------------------------------------------------------------------- Dask
@@ -170,14 +126,14 @@ def dask_cluster(workers: int, logs: Path, env: Mapping[str, str] | None = None,
     port = free_port()
     address = f"tcp://{HOST}:{port}"
     env = project_env(**(env or {}))
-    processes = [start([sys.executable, "-m", "dask", "scheduler", "--host", HOST, "--port", str(port),
-                        "--no-dashboard"], logs / "dask-scheduler.log", env)]
+    scheduler = [sys.executable, "-m", "dask", "scheduler", "--host", HOST, "--port", str(port), "--no-dashboard"]
+    processes = [start_service(scheduler, logs / "dask-scheduler.log", env)]
     try:
-        wait_for_port(port, processes[0], logs / "dask-scheduler.log", timeout_s)
+        processes[0].wait_until(lambda: port_open(port), timeout_s, what=f"listen on {HOST}:{port}", interval_s=0.2)
         for index in range(workers):
-            processes.append(start([sys.executable, "-m", "dask", "worker", address, "--host", HOST,
-                                    "--nthreads", str(threads_per_worker), "--name", f"worker-{index}",
-                                    "--no-dashboard"], logs / f"dask-worker-{index}.log", env))
+            worker = [sys.executable, "-m", "dask", "worker", address, "--host", HOST, "--nthreads",
+                      str(threads_per_worker), "--name", f"worker-{index}", "--no-dashboard"]
+            processes.append(start_service(worker, logs / f"dask-worker-{index}.log", env))
         wait_for_workers(address, workers, timeout_s)
         yield address
     finally:
@@ -194,6 +150,19 @@ def wait_for_workers(address: str, count: int, timeout_s: float) -> None:
 
 # ----------------------------------------------------------------------------- Prefect workers
 
+def registered(api_url: str, deployment: str, pool: str | None = None) -> bool:
+    """True when the server at ``api_url`` answers and knows ``deployment`` ("flow/name"), in work pool
+    ``pool`` if one is named (for polling while ``distillery server`` registers its deployments)."""
+    api = ServiceClient(api_url, retries=0, timeout_s=10)
+    try:
+        found = api.get(f"/deployments/name/{deployment}")
+    except (NoAnswer, Refused):  # not answering yet, or not registered yet (404)
+        return False
+    finally:
+        api.close()
+    return pool is None or found["work_pool_name"] == pool
+
+
 @contextmanager
 def prefect_workers(pool: str, count: int, api_url: str, logs: Path, limit: int = 1,
                     env: Mapping[str, str] | None = None) -> Iterator[list[Path]]:
@@ -203,8 +172,9 @@ def prefect_workers(pool: str, count: int, api_url: str, logs: Path, limit: int 
     # level (CI runs at WARNING): the run each worker began is an INFO line.
     env = project_env(PREFECT_API_URL=api_url, COLUMNS="500", PREFECT_LOGGING_LEVEL="INFO", **(env or {}))
     names = [f"{pool}-worker-{index}" for index in range(count)]
-    processes = [start([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
-                        "--limit", str(limit), "--name", name], logs / f"{name}.log", env) for name in names]
+    processes = [start_service([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type",
+                                "process", "--limit", str(limit), "--name", name], logs / f"{name}.log", env)
+                 for name in names]
     try:
         yield [logs / f"{name}.log" for name in names]
     finally:

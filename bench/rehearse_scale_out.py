@@ -29,7 +29,6 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,16 +37,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.local_services import (
-    PROJECT_ROOT,
     dask_cluster,
     postgres,
     prefect_workers,
-    project_env,
-    start,
+    registered,
+    start_service,
     stop,
-    tail,
 )
-from flows.server import free_port, wait_healthy
+from flows.server import wait_healthy
+from services.processes import PROJECT_ROOT, free_port, project_env
 
 POOL = "distillery"
 ACTION = 'Thought: I answer directly.\nCode:\n```py\nfinal_answer("42")\n```<end_code>'
@@ -68,23 +66,6 @@ def rehearsal_config(script: Path, address: str) -> dict:
         "evaluate.runner=dask", f"evaluate.address={address}",
     ]
     return load_config(PipelineConfig, None, overrides).model_dump(mode="json")
-
-
-def wait_for_pool(api_url: str, server: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"distillery server exited with code {server.returncode}:\n{tail(log, 60)}")
-        try:
-            response = httpx.get(f"{api_url}/deployments/name/evaluate/distillery", timeout=10)
-            if response.status_code == 200 and response.json()["work_pool_name"] == POOL:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise RuntimeError(f"deployments not in work pool {POOL!r} after {timeout_s:.0f} s:\n{tail(log, 60)}")
 
 
 def run(api_url: str, deployment: str, parameters: dict, timeout_s: float):
@@ -116,12 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"PostgreSQL: {database.url}", flush=True)
         port = free_port()
         api_url = f"http://127.0.0.1:{port}/api"
-        server = start([sys.executable, "-m", "flows.cli", "--home", str(home), "server", "--port", str(port),
-                        "--pool", POOL, "--no-schedule"], logs / "distillery-server.log",
-                       project_env(PREFECT_API_DATABASE_CONNECTION_URL=database.url))
+        server = start_service([sys.executable, "-m", "flows.cli", "--home", str(home), "server", "--port",
+                                str(port), "--pool", POOL, "--no-schedule"], logs / "distillery-server.log",
+                               project_env(PREFECT_API_DATABASE_CONNECTION_URL=database.url))
         try:
-            wait_healthy(api_url, server, logs / "distillery-server.log", timeout_s=300)
-            wait_for_pool(api_url, server, logs / "distillery-server.log", timeout_s=300)
+            wait_healthy(api_url, server, timeout_s=300)
+            server.wait_until(lambda: registered(api_url, "evaluate/distillery", POOL), 300,
+                              what=f"register the deployments in work pool {POOL!r}", interval_s=2.0)
             print(f"Prefect server: {api_url} (UI http://127.0.0.1:{port}), deployments in pool {POOL!r}",
                   flush=True)
             worker_env = {"PREFECT_API_URL": api_url, "DISTILLERY_HOME": str(home)}

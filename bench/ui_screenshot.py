@@ -12,20 +12,19 @@ saves a PNG. Prints how long each part took. Needs Debian's ``chromium`` (``apt-
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.local_services import registered, start_service, stop
+from services.client import ServiceClient
+from services.processes import free_port
 
 DEPLOYMENT = "pipeline/distillery"
 # Headless and quiet: no GPU, no sandbox (we run as root in a container), nothing fetched in the background.
@@ -36,18 +35,13 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--run-all-compositor-stages-before-draw")
 
 
-def deployment_id(api_url: str, timeout_s: float, server: subprocess.Popen | None) -> str:
-    """The id of the pipeline deployment once the server knows it."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server is not None and server.poll() is not None:
-            raise RuntimeError(f"distillery server exited with code {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"{api_url}/deployments/name/{DEPLOYMENT}", timeout=10) as response:
-                return json.load(response)["id"]
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(2)
-    raise RuntimeError(f"{DEPLOYMENT} not registered at {api_url} within {timeout_s:.0f} s")
+def deployment_id(api_url: str) -> str:
+    """The id of the pipeline deployment (the server knows it: ``registered``)."""
+    api = ServiceClient(api_url, timeout_s=10)
+    try:
+        return api.get(f"/deployments/name/{DEPLOYMENT}")["id"]
+    finally:
+        api.close()
 
 
 def screenshot(chromium: str, url: str, out: Path, width: int, height: int, budget_ms: int) -> None:
@@ -58,27 +52,6 @@ def screenshot(chromium: str, url: str, out: Path, width: int, height: int, budg
         result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     if result.returncode != 0 or not out.is_file():
         raise RuntimeError(f"chromium failed ({result.returncode}): {result.stderr[-2000:]}")
-
-
-def start_server(home: Path, port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "flows.cli", "--home", str(home), "server", "--port", str(port),
-               "--no-schedule"]
-    with open(log, "wb") as out:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (it stops its children), SIGKILL what is left after 90 s."""
-    try:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-    except ProcessLookupError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,19 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         api_url = args.api_url
         if api_url is None:
-            from flows.server import free_port
-
             port = free_port()
-            server = start_server(Path(workdir) / "home", port, Path(workdir) / "server.log")
+            server = start_service([sys.executable, "-m", "flows.cli", "--home", str(Path(workdir) / "home"),
+                                    "server", "--port", str(port), "--no-schedule"], Path(workdir) / "server.log")
             api_url = f"http://127.0.0.1:{port}/api"
-        deployment = deployment_id(api_url, timeout_s=600, server=server)
+            server.wait_until(lambda: registered(api_url, DEPLOYMENT), 600, what=f"register {DEPLOYMENT}",
+                              interval_s=2.0)
+        deployment = deployment_id(api_url)
         ready = time.monotonic()
         url = f"{api_url.removesuffix('/api')}/deployments/deployment/{deployment}/run"
         screenshot(args.chromium, url, args.out, width, height, args.render_ms)
         shot = time.monotonic()
     finally:
         if server is not None:
-            stop_server(server)
+            stop(server, timeout_s=90)  # SIGTERM: the server stops its children; SIGKILL what is left
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"page:       {url}")
     print(f"screenshot: {args.out} ({args.out.stat().st_size} bytes, {width}x{height})")

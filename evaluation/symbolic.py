@@ -14,31 +14,28 @@ stdin and answer one JSON line on stdout. Not ``multiprocessing``: its spawn sta
 parent's ``__main__`` in the child (for an evaluation shard process, Prefect and the whole task stack),
 and fork is unsafe in a process that already runs threads. Up to :data:`POOL_SIZE` workers live for the
 life of the process and are reused, so a comparison costs a pipe round trip, not a process start. A
-worker dies with its parent (Linux ``PR_SET_PDEATHSIG``), even when it is deep in sympy then.
+worker dies with its parent (``services.processes.die_with_parent``), even when it is deep in sympy then.
 """
 
 from __future__ import annotations
 
 import atexit
-import ctypes
 import json
 import logging
-import os
 import re
 import select
 import signal
 import subprocess
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
-from pathlib import Path
+
+from services.processes import die_with_parent, start
 
 # Workers started at most at once; a caller beyond that waits for one to be free.
 POOL_SIZE = 2
 # A worker imports sympy and math-verify before its first answer; that is not part of any item's limit.
 STARTUP_TIMEOUT_S = 180.0
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Verdict(str, Enum):
@@ -69,13 +66,12 @@ class _Worker:
     """One worker process and its pipes."""
 
     def __init__(self) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "evaluation.symbolic", str(os.getpid())], stdin=subprocess.PIPE,
+        self.child = start(
+            [sys.executable, "-m", "evaluation.symbolic"], name="the math-verify worker", stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, bufsize=0,  # unbuffered: select() then sees exactly what is unread
-            env=env, start_new_session=True,  # Ctrl+C in the terminal is the parent's to handle
+            new_session=True,  # Ctrl+C in the terminal is the parent's to handle
         )
+        self.process = self.child.process
         try:
             ready = self._read_line(STARTUP_TIMEOUT_S)
         except BaseException:
@@ -105,8 +101,7 @@ class _Worker:
         return json.loads(line)
 
     def stop(self) -> None:
-        self.process.kill()
-        self.process.wait()
+        self.child.stop(signum=signal.SIGKILL)  # it may be deep in sympy: no use asking it to end
         for pipe in (self.process.stdin, self.process.stdout):
             pipe.close()
 
@@ -116,9 +111,6 @@ class _Pool:
 
     def __init__(self, size: int) -> None:
         self._slots = threading.BoundedSemaphore(size)
-        # Workers are started from one thread that lives as long as the process: PR_SET_PDEATHSIG fires
-        # when the *thread* that started a child exits, and Prefect's task threads come and go.
-        self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="math-verify-starter")
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
@@ -147,7 +139,7 @@ class _Pool:
             if worker.process.poll() is None:
                 return worker
             self._discard(worker)  # died while idle (e.g. killed from outside)
-        worker = self._starter.submit(_Worker).result()
+        worker = _Worker()  # forked by services.processes' one long-lived thread, so it dies with the process
         with self._lock:
             self._all.add(worker)
         return worker
@@ -213,12 +205,9 @@ def math_verify_verdict(pred: str, gold: str) -> Verdict:
     return Verdict.EQUAL if verify(gold_parsed, pred_parsed, timeout_seconds=None) else Verdict.DIFFERENT
 
 
-def serve(parent_pid: int) -> None:
+def serve() -> None:
     """The worker loop: one ``{"pred", "gold"}`` line in, one ``{"verdict"}`` line out, until end of input."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() != parent_pid:  # the parent died before the line above
-            return
+    die_with_parent(signal.SIGKILL)  # sympy would not get to a SIGTERM handler
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not corrupt the replies
 
@@ -239,4 +228,4 @@ def serve(parent_pid: int) -> None:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    serve()

@@ -18,30 +18,20 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-HOST = "127.0.0.1"
+from services.client import ServiceClient
+from services.processes import HOST, Child, ChildError, project_env, start
+
 SERVER_DIR = "prefect-server"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATABASE_VARIABLES = ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL")
 
 
 class ServerError(RuntimeError):
     """The Prefect server did not start (the message carries the end of its log)."""
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def server_env(home: Path, port: int, environ: Mapping[str, str]) -> dict[str, str]:
@@ -61,45 +51,34 @@ def server_env(home: Path, port: int, environ: Mapping[str, str]) -> dict[str, s
 
 
 def client_env(home: Path, api_url: str, environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment of ``distillery serve`` talking to the server at ``api_url``."""
-    env = dict(environ)
-    env["PREFECT_API_URL"] = api_url
-    env["DISTILLERY_HOME"] = str(home)
-    # The child must import this checkout's flows, installed or not.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), environ.get("PYTHONPATH", "")) if p)
-    return env
+    """The environment of ``distillery serve`` talking to the server at ``api_url``: this checkout's flows
+    importable, installed or not (``project_env``)."""
+    return project_env(environ, PREFECT_API_URL=api_url, DISTILLERY_HOME=str(home))
 
 
-def wait_healthy(api_url: str, server: subprocess.Popen, log: Path, timeout_s: float) -> float:
+def start_server(home: Path, port: int, log: Path, environ: Mapping[str, str]) -> Child:
+    """``prefect server start`` on ``HOST:port`` with ``server_env``, its output appended to ``log``."""
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port),
+               "--analytics-off"]
+    return start(command, name="prefect server", log=log, env=server_env(home, port, environ))
+
+
+def wait_healthy(api_url: str, server: Child, timeout_s: float) -> float:
     """Poll ``<api_url>/health`` until it answers; returns the seconds waited. Raises ServerError."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if server.poll() is not None:
-            raise ServerError(f"prefect server exited with code {server.returncode}:\n{tail(log)}")
-        try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=5) as response:
-                if response.status == 200:
-                    return time.monotonic() - started
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(1)
-    raise ServerError(f"prefect server did not answer {api_url}/health within {timeout_s:.0f} s:\n{tail(log)}")
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else "(no log)"
-
-
-def stop(process: subprocess.Popen, timeout_s: float = 30) -> None:
-    """Interrupt ``process`` (graceful shutdown), then kill it if it is still there after ``timeout_s``."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGINT)
+    api = ServiceClient(api_url)
     try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        return server.wait_until(lambda: api.answers("/health"), timeout_s, what=f"answer {api_url}/health",
+                                 interval_s=1.0)
+    except ChildError as exc:
+        raise ServerError(str(exc)) from None
+    finally:
+        api.close()
+
+
+def stop(child: Child, timeout_s: float = 30) -> None:
+    """Interrupt ``child`` (the graceful shutdown of Prefect's server, like a Ctrl+C), then kill what is
+    left of it after ``timeout_s``."""
+    child.stop(timeout_s, signum=signal.SIGINT)
 
 
 def run_server(home: Path, port: int, serve_args: list[str], startup_timeout_s: float = 300,
@@ -117,21 +96,17 @@ def run_server(home: Path, port: int, serve_args: list[str], startup_timeout_s: 
     api_url = f"http://{HOST}:{port}/api"
     # Children stay in our process group, so whoever kills the group (a terminal, a test) stops all.
     previous = signal.signal(signal.SIGTERM, _interrupt)
-    processes: list[subprocess.Popen] = []
+    processes: list[Child] = []
     try:
-        with open(log, "ab") as log_file:
-            command = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port),
-                       "--analytics-off"]
-            processes.append(subprocess.Popen(command, env=server_env(home, port, os.environ), stdout=log_file,
-                                              stderr=subprocess.STDOUT))
+        processes.append(start_server(home, port, log, os.environ))
         print(f"starting the Prefect server (log: {log}) ...", flush=True)
-        waited = wait_healthy(api_url, processes[0], log, startup_timeout_s)
+        waited = wait_healthy(api_url, processes[0], startup_timeout_s)
         print(f"Prefect server up after {waited:.0f} s: UI http://{HOST}:{port}  API {api_url}", flush=True)
         serve = [sys.executable, "-m", "flows.cli", "serve", *serve_args, *(["--pool", pool] if pool else [])]
-        processes.append(subprocess.Popen(serve, env=client_env(home, api_url, os.environ)))
+        processes.append(start(serve, name="distillery serve", env=client_env(home, api_url, os.environ)))
         if pool:
-            if processes[-1].wait() != 0:
-                return processes[-1].returncode
+            if processes[-1].process.wait() != 0:
+                return processes[-1].process.returncode
             print(f"workers run the flows: PREFECT_API_URL={api_url} prefect worker start --pool {pool} "
                   "--type process", flush=True)
             return wait_first(processes[:1])
@@ -144,12 +119,12 @@ def run_server(home: Path, port: int, serve_args: list[str], startup_timeout_s: 
         signal.signal(signal.SIGTERM, previous)
 
 
-def wait_first(processes: list[subprocess.Popen]) -> int:
-    """Block until one of ``processes`` exits; its exit code."""
+def wait_first(children: list[Child]) -> int:
+    """Block until one of ``children`` exits; its exit code."""
     while True:
-        for process in processes:
-            if process.poll() is not None:
-                return process.returncode
+        for child in children:
+            if child.process.poll() is not None:
+                return child.process.returncode
         time.sleep(1)
 
 

@@ -30,13 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows import checks
 from questions.datasets import dataset_fingerprint, with_limit
 from retrieval.corpus import corpus_fingerprint
-from storage.store import ArtifactRef
+from storage.store import PACKAGES, ArtifactRef
 
 if TYPE_CHECKING:  # the config imports torch (through training); the CLI imports this module for --help
     from flows.config import PipelineConfig
-
-ALL_CODE = ("agent_runtime", "devices", "models", "questions", "retrieval", "storage", "training", "evaluation",
-            "tasks", "flows")
 
 
 class StageOptions(BaseModel):
@@ -102,7 +99,7 @@ def teacher_inputs_check(cfg: PipelineConfig, kind: str) -> None:
 STAGES: tuple[Stage, ...] = (
     Stage(
         "index", "build (or reuse) the retrieval index and print its id",
-        code=("devices", "retrieval", "storage"),
+        code=("devices", "retrieval", "services", "storage"),
         inputs=lambda cfg, kind: (),
         identity=lambda cfg, kind, inputs: {"index": cfg.index.model_dump(mode="json"),
                                     "corpus_fingerprint": corpus_fingerprint(cfg.index.corpus)},
@@ -110,7 +107,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "prefixes", "the teacher's CoT solutions and first-thought prefixes (FTP)",
-        code=("agent_runtime", "devices", "evaluation", "questions", "storage"),
+        code=("agent_runtime", "devices", "evaluation", "questions", "services", "storage"),
         inputs=lambda cfg, kind: (),
         identity=lambda cfg, kind, inputs: {"prefixes": cfg.prefixes.model_dump(mode="json"),
                                     "teacher": cfg.teacher.model_dump(mode="json"),
@@ -120,7 +117,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "rollout", "generate, grade and store teacher trajectories",
-        code=("agent_runtime", "devices", "evaluation", "questions", "retrieval", "storage"),
+        code=("agent_runtime", "devices", "evaluation", "questions", "retrieval", "services", "storage"),
         inputs=rollout_inputs,
         identity=lambda cfg, kind, inputs: {
             "rollout": cfg.rollout.model_dump(mode="json"), "teacher": cfg.teacher.model_dump(mode="json"),
@@ -131,7 +128,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "sft", "filter the trajectories (or CoT solutions) into a student's chat-format training examples",
-        code=("agent_runtime", "training", "storage"),
+        code=("agent_runtime", "services", "storage", "training"),
         inputs=lambda cfg, kind: ("prefixes",) if kind == "cot" else ("rollout",),
         identity=lambda cfg, kind, inputs: {"sft": cfg.sft.model_dump(mode="json"), "kind": kind},
         check=lambda cfg, kind: None,
@@ -139,7 +136,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "train", "LoRA-fine-tune the student on its training examples",
-        code=("devices", "training", "storage"),
+        code=("devices", "services", "storage", "training"),
         inputs=lambda cfg, kind: (f"sft/{kind}",),
         identity=lambda cfg, kind, inputs: {"train": cfg.train_config(kind).model_dump(mode="json")},
         check=lambda cfg, kind: checks.check_base_model(cfg.train_config(kind).base_model),
@@ -147,7 +144,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "evaluate", "evaluate baselines and students, sharded; write metrics and a report",
-        code=ALL_CODE,
+        code=PACKAGES,
         inputs=evaluate_inputs,
         identity=lambda cfg, kind, inputs: {
             "evaluate": cfg.evaluate.model_dump(mode="json"), "student": cfg.student.model_dump(mode="json"),

@@ -24,9 +24,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable
+
+from services.processes import marked, start, stop_all
 
 TOKEN_VARIABLE = "DISTILLERY_STAGE_TOKEN"
 POLL_S = 0.2
@@ -83,8 +84,8 @@ def start_reaper() -> None:
     read_end, _reaper_pipe = os.pipe()  # not inherited by other children: their exit cannot hide ours
     env = {key: value for key, value in os.environ.items() if key != TOKEN_VARIABLE}
     # Its own session: a Ctrl+C in the terminal or a kill of our process group does not reach it.
-    subprocess.Popen([sys.executable, "-m", "flows.supervisor", token], stdin=read_end, env=env,
-                     start_new_session=True, stdout=subprocess.DEVNULL)
+    start([sys.executable, "-m", "flows.supervisor", token], name="the stage's reaper", env=env, stdin=read_end,
+          stdout=subprocess.DEVNULL, new_session=True)
     os.close(read_end)
     os.environ[TOKEN_VARIABLE] = token
 
@@ -92,44 +93,8 @@ def start_reaper() -> None:
 def reap(token: str) -> int:
     """Block until the stage process is gone, then SIGTERM (and after a grace period SIGKILL) the rest."""
     sys.stdin.buffer.read()  # EOF: every copy of the write end is closed, so the stage process ended
-    marker = f"{TOKEN_VARIABLE}={token}".encode()
-    victims = [pid for pid in _pids() if marker in _environment(pid)]
-    for pid in victims:
-        _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + REAPER_GRACE_S
-    while time.monotonic() < deadline and any(_alive(pid) for pid in victims):
-        time.sleep(0.1)
-    for pid in victims:
-        if _alive(pid) and marker in _environment(pid):  # the same process, not a reused pid
-            _signal(pid, signal.SIGKILL)
+    stop_all(marked(TOKEN_VARIABLE, token), REAPER_GRACE_S)
     return 0
-
-
-def _pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit() and int(name) != os.getpid()]
-
-
-def _environment(pid: int) -> list[bytes]:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as handle:
-            return handle.read().split(b"\0")
-    except OSError:  # gone, or another user's process
-        return []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
-
-
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 # ----------------------------------------------------------------------------- console

@@ -18,8 +18,9 @@ Two implementations of one interface, ``search(queries, k) -> list[list[Passage]
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -29,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrieval.corpus import join_contents, split_contents
+from services.client import NoAnswer, Refused, ServiceClient
 from storage.errors import ServiceUnavailable
 from storage.schemas import PASSAGES
 
@@ -147,15 +149,15 @@ class Retriever:
 
 
 class HttpRetriever:
-    """Client of a Search-R1-compatible ``POST {url}/retrieve`` endpoint, with the ``Retriever`` interface."""
+    """Client of a Search-R1-compatible ``POST {url}/retrieve`` endpoint, with the ``Retriever`` interface.
+
+    Requests go through ``services.client.ServiceClient``: a connection error, timeout or 5xx is tried
+    ``retries`` more times (after ``retry_wait_s``, then twice that, ...), then RetrieverUnavailable.
+    """
 
     def __init__(self, url: str, timeout_s: float = 60.0, retries: int = 2, retry_wait_s: float = 1.0):
-        import httpx
-
         self.url = url.rstrip("/")
-        self.retries = retries
-        self.retry_wait_s = retry_wait_s
-        self._client = httpx.Client(base_url=self.url, timeout=timeout_s)
+        self._service = ServiceClient(self.url, timeout_s=timeout_s, retries=retries, backoff_s=retry_wait_s)
 
     def search(self, queries: list[str], k: int = 3) -> list[list[Passage]]:
         """Top-``k`` passages per query from the server; raises RetrieverUnavailable on failure."""
@@ -163,7 +165,8 @@ class HttpRetriever:
             raise ValueError(f"k must be ≥ 1, got {k}")
         if not queries:
             return []
-        body = self._post("/retrieve", {"queries": list(queries), "topk": k, "return_scores": True})
+        with self._unavailable():
+            body = self._service.post("/retrieve", {"queries": list(queries), "topk": k, "return_scores": True})
         results = body.get("result") if isinstance(body, dict) else None
         if not isinstance(results, list) or len(results) != len(queries):
             raise RetrieverUnavailable(f"{self.url}/retrieve: unexpected response shape: {str(body)[:200]}")
@@ -171,37 +174,22 @@ class HttpRetriever:
 
     def health(self) -> dict:
         """The server's ``GET /health`` body."""
-        import httpx
-
-        try:
-            response = self._client.get("/health")
-            response.raise_for_status()
-            return response.json()
-        except httpx.HTTPError as exc:
-            raise RetrieverUnavailable(f"retriever at {self.url} is not healthy: {exc}") from None
+        with self._unavailable():
+            return self._service.get("/health")
 
     def close(self) -> None:
-        self._client.close()
+        self._service.close()
 
-    def _post(self, path: str, payload: dict) -> object:
-        import httpx
-
-        for attempt in range(self.retries + 1):
-            try:
-                response = self._client.post(path, json=payload)
-            except httpx.TransportError as exc:  # connection refused, timeout: worth a retry
-                if attempt == self.retries:
-                    raise RetrieverUnavailable(
-                        f"cannot reach the retriever at {self.url}{path}: {exc}"
-                    ) from None
-                time.sleep(self.retry_wait_s * (attempt + 1))
-                continue
-            if response.status_code != 200:
-                raise RetrieverUnavailable(
-                    f"{self.url}{path} answered HTTP {response.status_code}: {response.text[:300]}"
-                )
-            return response.json()
-        raise AssertionError("unreachable")
+    @contextmanager
+    def _unavailable(self) -> Iterator[None]:
+        """The client's errors as RetrieverUnavailable (a ServiceUnavailable: tasks retry it)."""
+        try:
+            yield
+        except NoAnswer as exc:
+            raise RetrieverUnavailable(f"cannot reach the retriever at {exc.url} after {exc.attempts} "
+                                       f"attempt(s): {exc.problem}") from None
+        except Refused as exc:
+            raise RetrieverUnavailable(f"the retriever {exc}") from None
 
 
 def format_results(passages: list[Passage]) -> str:

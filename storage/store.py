@@ -31,7 +31,7 @@ from storage.schemas import conform
 MANIFEST = "manifest.json"
 TMP_MARK = ".tmp-"
 PACKAGES = ("agent_runtime", "devices", "models", "questions", "retrieval", "storage", "training", "evaluation",
-            "tasks", "flows")
+            "tasks", "flows", "services")
 """The project's packages: the code version of an artifact whose stage names no narrower set (a re-grade)."""
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
 import re
 import signal
 import subprocess
@@ -31,11 +30,10 @@ from typing import TextIO
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.processes import project_env
 from storage.errors import UserError
 from storage.store import atomic_write_bytes
 from training.sft import TrainConfig
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class TrainJob(BaseModel):
@@ -105,12 +103,9 @@ def launch_accelerate(job_path: Path, accelerate_config: Path) -> subprocess.Com
     """
     if not Path(accelerate_config).is_file():
         raise FileNotFoundError(f"accelerate config {accelerate_config} does not exist (see configs/accelerate/)")
-    env = dict(os.environ)
-    # The launched processes import training.* by module name: make the project importable.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("HF_HUB_OFFLINE", "1")
     command = launch_command(job_path, accelerate_config)
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    # The launched processes import training.* by module name: project_env makes the project importable.
+    process = subprocess.Popen(command, env=project_env(), stderr=subprocess.PIPE)
     report = relay_until_failure_report(process.stderr, sys.stderr)
     returncode = process.wait()
     if returncode == 0:

@@ -1,10 +1,11 @@
 """llama.cpp backend: a GGUF model served by xllamacpp's embedded llama.cpp server in a child process.
 
 ``LlamaCppGenerator`` starts ``agent_runtime.backends.llamacpp_server`` (``cfg.slots`` parallel slots,
-continuous batching, prompt cache) on a free loopback port, waits for it, and sends requests through the
-OpenAI-compatible client (``OpenAIGenerator``) with ``cfg.slots`` requests in flight, so a batch of
-agent episodes is decoded together. ``close()`` stops the server; the server also dies with this
-process. A PEFT LoRA adapter (``cfg.adapter``) is converted to a GGUF LoRA adapter once
+continuous batching, prompt cache) on a free loopback port (``services.processes``), waits until its
+``/health`` answers, and sends requests through the OpenAI-compatible client (``OpenAIGenerator``) with
+``cfg.slots`` requests in flight, so a batch of agent episodes is decoded together. The server's own
+endpoints (``/health``, ``/slots``, ``/metrics``) are called through ``api``, a ``ServiceClient`` of its
+root. ``close()`` stops the server; the server also dies with this process. A PEFT LoRA adapter (``cfg.adapter``) is converted to a GGUF LoRA adapter once
 (``lora_gguf.gguf_adapter_for``) and applied by the server.
 
 An assistant prefix (FTP) is continued through the chat API: llama.cpp's server prefills a trailing
@@ -24,19 +25,15 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
-
-import httpx
 
 from agent_runtime.backends import BackendConfig
 from agent_runtime.backends.openai_backend import OpenAIGenerator
-from agent_runtime.generation import Generation, GenerationError, Request, Sampling
+from agent_runtime.generation import EndpointUnavailable, Generation, GenerationError, Request, Sampling
+from services.client import NoAnswer, Refused, ServiceClient
+from services.processes import HOST, ChildError, free_port, start
 
 START_TIMEOUT_S = 600.0  # loading a 1.5B GGUF takes seconds; a busy 2-core machine can take minutes
 
@@ -53,12 +50,6 @@ def gguf_path(spec: str) -> Path:
         raise ModelNotAvailable(f"the llamacpp backend needs a GGUF file; {spec!r} resolves to {src.path}, "
                                 f"which holds {len(found)} .gguf files")
     return found[0]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def server_counters(metrics: str) -> dict[str, float]:
@@ -89,9 +80,10 @@ class LlamaCppGenerator:
             lora = gguf_adapter_for(Path(cfg.adapter), model)
         self.name = f"llamacpp:{cfg.model}" + (f"+{Path(cfg.adapter).name}" if cfg.adapter else "")
         log_fd, log_path = tempfile.mkstemp(prefix="llamacpp-", suffix=".log")
-        self._log_path = Path(log_path)  # the server's stderr, read back for errors
+        os.close(log_fd)
         self._slot_dir = tempfile.mkdtemp(prefix="llamacpp-slots-")
         self._shared: set[str] = set()  # system messages already in every slot
+        self._client: OpenAIGenerator | None = None
         port = free_port()
         cmd = [sys.executable, "-m", "agent_runtime.backends.llamacpp_server", "--model", str(model),
                "--alias", cfg.model, "--port", str(port), "--slots", str(cfg.slots),
@@ -99,9 +91,15 @@ class LlamaCppGenerator:
                "--cache-ram-mib", str(cfg.cache_ram_mib), "--slot-save-path", self._slot_dir, "--quiet"]
         if lora is not None:
             cmd += ["--lora", str(lora)]
-        with os.fdopen(log_fd, "w") as log:  # the child keeps its own copy of the descriptor
-            self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-        self.base_url = self._wait_ready()
+        self.server = start(cmd, name="the llama.cpp server", log=Path(log_path))  # its log: read back for errors
+        self.base_url = f"http://{HOST}:{port}"
+        self.api = ServiceClient(self.base_url, timeout_s=cfg.timeout_s, retries=cfg.max_retries)
+        try:
+            self.server.wait_until(lambda: self.api.answers("/health"), START_TIMEOUT_S,
+                                   what=f"answer {self.base_url}/health")
+        except ChildError as exc:
+            self.close()
+            raise GenerationError(f"{self.name}: {exc}") from None
         client_cfg = cfg.model_copy(update={"base_url": f"{self.base_url}/v1", "concurrency": cfg.slots})
         self._client = OpenAIGenerator(client_cfg, continue_mode="prefill")
 
@@ -124,75 +122,51 @@ class LlamaCppGenerator:
         key = hashlib.sha256(first["content"].encode()).hexdigest()[:16]
         if key in self._shared:
             return False
-        self._client._post("/chat/completions", {"model": self.cfg.model, "messages": [first], "max_tokens": 1,
-                                                 "temperature": 0.0, "id_slot": 0, "cache_prompt": True})
-        server = self._client._client
         try:
-            saved = server.post(f"{self.base_url}/slots/0?action=save", json={"filename": f"{key}.bin"})
-            for slot in range(1, self.cfg.slots) if saved.status_code == 200 else ():
-                server.post(f"{self.base_url}/slots/{slot}?action=restore", json={"filename": f"{key}.bin"})
-        except httpx.TransportError as exc:
-            raise GenerationError(f"{self.name}: the server did not answer a slot save/restore ({exc})") from exc
+            self.api.post("/v1/chat/completions", {"model": self.cfg.model, "messages": [first], "max_tokens": 1,
+                                                   "temperature": 0.0, "id_slot": 0, "cache_prompt": True})
+            saved = self.slot_action(0, "save", f"{key}.bin")
+            for slot in range(1, self.cfg.slots) if saved else ():
+                self.slot_action(slot, "restore", f"{key}.bin")
+        except NoAnswer as exc:
+            raise EndpointUnavailable(f"{self.name}: the server did not answer while sharing a prefix ({exc})") from None
+        except Refused as exc:
+            raise GenerationError(f"{self.name}: {exc}") from None
         self._shared.add(key)  # also when the server refused: the batch then runs as before
-        return saved.status_code == 200
+        return saved
+
+    def slot_action(self, slot: int, action: str, filename: str) -> bool:
+        """``POST /slots/<slot>?action=save|restore`` of ``filename`` (in the server's slot folder); False
+        when the server refuses (a slot without a cache to save, a server without slot files)."""
+        try:
+            self.api.post(f"/slots/{slot}?action={action}", {"filename": filename})
+        except Refused:
+            return False
+        return True
 
     def prompt_tokens_processed(self) -> int | None:
         """Prompt tokens the server evaluated so far (cache misses), from its Prometheus counter; None
         when the server does not answer."""
         try:
-            text = self._client._client.get(f"{self.base_url}/metrics", timeout=10).text
-        except httpx.HTTPError:
+            text = self.api.get_text("/metrics")
+        except (NoAnswer, Refused):
             return None
         processed = server_counters(text).get("prompt_tokens_total")
         return None if processed is None else int(processed)
 
     def close(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after 10 s) and close the client."""
-        client = getattr(self, "_client", None)
-        if client is not None:
-            client.close()
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._log_path.unlink(missing_ok=True)
+        """Stop the server (SIGTERM, then SIGKILL after 10 s) and close the clients."""
+        if self._client is not None:
+            self._client.close()
+        self.api.close()
+        self.server.stop(timeout_s=10)
+        self.server.log.unlink(missing_ok=True)
         shutil.rmtree(self._slot_dir, ignore_errors=True)
 
-    def _wait_ready(self) -> str:
-        """Read the server's READY line; a GenerationError with its log if it exits or times out first."""
-        found: list[str] = []
-
-        def read() -> None:
-            for line in self._proc.stdout:
-                if line.startswith("READY "):
-                    found.append(line.split()[1])
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(START_TIMEOUT_S)
-        if found:
-            return found[0]
-        if self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-            raise GenerationError(f"{self.name}: the llama.cpp server did not start within {START_TIMEOUT_S:.0f} s"
-                                  f"{self._log_tail()}")
-        self._check_alive()
-        raise GenerationError(f"{self.name}: the llama.cpp server closed its output before it was ready")
-
     def _check_alive(self, cause: Exception | None = None) -> None:
-        code = self._proc.poll()
-        if code is None:
+        status = self.server.exit_status()
+        if status is None:
             return
-        status = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        raise GenerationError(f"{self.name}: the llama.cpp server (pid {self._proc.pid}) {status}"
-                              f"{self._log_tail()}") from cause
-
-    def _log_tail(self, lines: int = 5) -> str:
-        time.sleep(0.1)  # let the child's last write land
-        tail = self._log_path.read_text(errors="replace").strip().splitlines()[-lines:]
-        return ("; its last log lines: " + " | ".join(tail)) if tail else ""
+        tail = self.server.tail(5)
+        log = ("; its last log lines: " + " | ".join(tail)) if tail else ""
+        raise GenerationError(f"{self.name}: the llama.cpp server (pid {self.server.pid}) {status}{log}") from cause

@@ -6,8 +6,8 @@ Run by ``LlamaCppGenerator``; it can also be run by hand::
 
 It prints one line ``READY http://127.0.0.1:PORT`` on stdout once the model is loaded and the HTTP API
 (OpenAI-compatible ``/v1/chat/completions``, ``/v1/completions``, ``/health``, ``/slots``) answers, then
-serves until SIGTERM/SIGINT, or until its parent dies (Linux: ``PR_SET_PDEATHSIG``), so a stage killed
-with ``kill -9`` leaves no server behind.
+serves until SIGTERM/SIGINT, or until its parent dies (``services.processes.die_with_parent``), so a
+stage killed with ``kill -9`` leaves no server behind.
 
 Prompt cache: every slot keeps its own KV cache between requests (``cache_prompt``), and llama.cpp's
 host-memory prompt cache (``cache_ram_mib``) saves a slot's prompt state when the slot moves on and
@@ -20,17 +20,11 @@ a 2-core AVX2 CPU for the 1.5B teacher's 1,040-token prompt). With ``--slot-save
 from __future__ import annotations
 
 import argparse
-import ctypes
 import signal
 import sys
 import threading
 
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when its parent exits (no-op elsewhere)."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+from services.processes import die_with_parent
 
 
 def build_params(args: argparse.Namespace):
@@ -76,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors from llama.cpp")
     args = parser.parse_args(argv)
 
-    die_with_parent()
+    die_with_parent(signal.SIGTERM)  # SIGTERM: the handler below frees the model
     import xllamacpp as xlc
 
     stop = threading.Event()

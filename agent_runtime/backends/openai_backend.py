@@ -1,10 +1,11 @@
-"""OpenAI-compatible backend: a ``vllm serve`` server, a llama.cpp server, or a hosted API, over httpx.
+"""OpenAI-compatible backend: a ``vllm serve`` server, a llama.cpp server, or a hosted API.
 
 Each (request, sample j) is one HTTP call with ``n=1`` and ``seed=sample_seed(request, sampling, j)``:
 llama.cpp's server ignores ``n``, and one call per sample gives exact per-completion token counts
 (servers that cache prefixes pay little for the repeated prompt). Up to ``concurrency`` calls are in
-flight; a connect error, timeout, 429 or 5xx is retried ``max_retries`` times with exponential backoff
-(0.5 s, 1 s, 2 s, ...), then a ``GenerationError`` names the URL. Other 4xx answers fail at once.
+flight through ``services.client.ServiceClient``: a connect error, timeout, 429 or 5xx is retried
+``max_retries`` times with exponential backoff (0.5 s, 1 s, 2 s, ...), then an ``EndpointUnavailable``
+names the URL and the attempts. Other 4xx answers fail at once.
 
 Continuing an assistant prefix (``Request.continue_final``):
 - vLLM servers (``/models`` says ``owned_by: vllm``): chat completions with vLLM's
@@ -28,9 +29,9 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-
-import httpx
+from contextlib import contextmanager
 
 from agent_runtime.backends import BackendConfig
 from agent_runtime.generation import (
@@ -43,9 +44,9 @@ from agent_runtime.generation import (
     cut_at_stop,
     sample_seed,
 )
+from services.client import NoAnswer, Refused, ServiceClient
 
 BACKOFF_S = 0.5  # first retry delay; doubles each retry
-RETRY_STATUSES = {408, 409, 429, 500, 502, 503, 504}
 
 
 class OpenAIGenerator:
@@ -58,10 +59,9 @@ class OpenAIGenerator:
         self.name = f"openai:{cfg.model}@{cfg.base_url}"
         self.base_url = cfg.base_url.rstrip("/")
         key = os.environ.get(cfg.api_key_env)
-        self._client = httpx.Client(
-            timeout=cfg.timeout_s,
-            headers={"Authorization": f"Bearer {key}"} if key else {},
-            limits=httpx.Limits(max_connections=cfg.concurrency),
+        self._server = ServiceClient(
+            self.base_url, timeout_s=cfg.timeout_s, retries=cfg.max_retries, backoff_s=BACKOFF_S,
+            headers={"Authorization": f"Bearer {key}"} if key else {}, max_connections=cfg.concurrency,
         )
         self._pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="openai-backend")
         self._lock = threading.Lock()
@@ -95,7 +95,7 @@ class OpenAIGenerator:
     def close(self) -> None:
         """Stop the worker threads and close the HTTP connections."""
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._client.close()
+        self._server.close()
 
     def _complete(self, request: Request, sampling: Sampling, index: int) -> Completion:
         """One HTTP call for sample ``index`` of ``request``."""
@@ -125,38 +125,30 @@ class OpenAIGenerator:
         return _completion(data, text, sampling, time.perf_counter() - started)
 
     def _post(self, path: str, body: dict) -> dict:
-        """POST with bounded retries; the parsed JSON answer, or a GenerationError naming the URL."""
-        url = self.base_url + path
-        attempts = self.cfg.max_retries + 1
-        for attempt in range(attempts):
-            try:
-                response = self._client.post(url, json=body)
-            except httpx.TransportError as exc:  # refused, DNS, reset, timeout
-                problem = f"{type(exc).__name__}: {exc}"
-            else:
-                if response.status_code == 200:
-                    return response.json()
-                problem = f"HTTP {response.status_code}: {response.text[:500]}"
-                if response.status_code not in RETRY_STATUSES:
-                    raise GenerationError(f"{url} refused the request ({problem})")
-            if attempt + 1 < attempts:
-                time.sleep(BACKOFF_S * 2**attempt)
-        raise EndpointUnavailable(
-            f"no answer from {url} after {attempts} attempt(s): {problem}; is the server running at "
-            f"base_url={self.cfg.base_url!r}?"
-        )
+        """POST with the client's retries; the parsed JSON answer, or a GenerationError naming the URL."""
+        with self._generation_errors():
+            return self._server.post(path, body)
+
+    @contextmanager
+    def _generation_errors(self) -> Iterator[None]:
+        """The client's errors as the GenerationErrors a Generator raises."""
+        try:
+            yield
+        except NoAnswer as exc:
+            raise EndpointUnavailable(f"{exc}; is the server running at base_url={self.cfg.base_url!r}?") from None
+        except Refused as exc:
+            raise GenerationError(str(exc)) from None
 
     def _continue_through(self) -> str:
         """How this server continues an assistant prefix: 'chat' (vLLM) or 'completions' (rendered here)."""
         with self._lock:
             if self._continue_mode is None:
-                url = self.base_url + "/models"
+                with self._generation_errors():
+                    models = self._server.get("/models")
                 try:
-                    response = self._client.get(url)
-                    response.raise_for_status()
-                    owners = {entry["owned_by"] for entry in response.json()["data"]}
-                except (httpx.HTTPError, KeyError, ValueError) as exc:
-                    raise GenerationError(f"cannot list the models at {url}: {exc}") from exc
+                    owners = {entry["owned_by"] for entry in models["data"]}
+                except (KeyError, TypeError) as exc:
+                    raise GenerationError(f"{self.base_url}/models: not a list of models: {str(models)[:300]}") from exc
                 self._continue_mode = ("chat" if "vllm" in owners else
                                        "prefill" if "llamacpp" in owners else "completions")
             return self._continue_mode

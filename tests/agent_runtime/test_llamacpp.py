@@ -194,8 +194,8 @@ def test_a_killed_server_is_one_error_naming_the_backend():
     generator = make_generator(BackendConfig(kind="llamacpp", model=MODEL, slots=1, ctx_per_slot=512,
                                              max_retries=1))
     try:
-        os.kill(generator._proc.pid, signal.SIGKILL)
-        generator._proc.wait(timeout=10)
+        os.kill(generator.server.pid, signal.SIGKILL)
+        generator.server.process.wait(timeout=10)
         with pytest.raises(GenerationError, match=r"llamacpp:smollm2-135m-instruct: the llama.cpp server "
                                                   r"\(pid \d+\) was killed by signal 9"):
             generator.generate([chat("Hello")], Sampling(max_new_tokens=4))

@@ -4,7 +4,6 @@ server. The real llama.cpp server (the ``llamacpp`` backend) is tested in ``test
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,14 +12,9 @@ import pytest
 
 from agent_runtime.backends import BackendConfig, make_generator, openai_backend
 from agent_runtime.generation import GenerationError, Request, Sampling, sample_seed
+from services.processes import free_port
 
 MODEL = "smollm2-135m-instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def chat(question: str, seed: int | None = None) -> Request:

@@ -10,7 +10,6 @@ its first task, with a state message that names the culprit.
 """
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from models.resolve import resolve_model
+from services.processes import free_port
 from storage.catalog import query
 from storage.store import ArtifactStore
 
@@ -92,9 +92,7 @@ def test_example_without_question_is_named(tmp_path, home, built_index):
 
 
 def test_unreachable_teacher_endpoint_is_named(tmp_path, home, built_index):
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # bound, then released: nothing listens there
     dataset = tmp_path / "questions.jsonl"
     dataset.write_text('{"id": "q1", "question": "What is 1 + 1?", "answer": "2"}\n')
     teacher = (f"{{kind: openai, model: teacher, base_url: 'http://127.0.0.1:{port}/v1', "

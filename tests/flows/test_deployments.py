@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from flows_fixtures import demo
 
+from bench.local_services import registered, start_service, stop
 from flows.cli import build_parser
 from flows.config import PipelineConfig
 from flows.deployments import (
@@ -29,10 +29,11 @@ from flows.deployments import (
     reevaluation_config,
 )
 from flows.pipeline import pipeline_flow, resolve_config
-from flows.server import client_env, free_port, serve_argv, server_env
+from flows.server import client_env, serve_argv, server_env
 from flows.settings import ConfigError, load_config, profile_path
 from flows.stages import stage_names
 from questions.datasets import DatasetConfig
+from services.processes import free_port, project_env, tail
 from storage.store import ArtifactStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -301,25 +302,7 @@ class Stack:
         return [json.loads(line) for line in result.stdout.splitlines()]
 
     def tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
-
-
-def wait_for_deployments(api_url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    import httpx
-
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        assert process.poll() is None, f"distillery server exited ({process.returncode}):\n{log.read_text()[-4000:]}"
-        try:
-            found = {name for name in FLOWS
-                     if httpx.get(f"{api_url}/deployments/name/{name}/{DEPLOYMENT_NAME}", timeout=10).status_code
-                     == 200}
-        except httpx.HTTPError:
-            found = set()
-        if found == FLOWS:
-            return
-        time.sleep(2)
-    pytest.fail(f"deployments not registered within {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
+        return "\n".join(tail(self.log, 40))
 
 
 @pytest.fixture(scope="module")
@@ -329,37 +312,20 @@ def stack(tmp_path_factory):
     home, log, script = base / "home", base / "server.log", base / "script.json"
     script.write_text(json.dumps([SCRIPT_ACTION] * 400))
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "flows.cli", "--home", str(home), "server", "--port", str(port),
                "--set", f"reevaluate.cron={CRON}", "--set", f"reevaluate.timezone={TIMEZONE}"]
     started = time.monotonic()
-    with open(log, "wb") as out:
-        # A session of its own: the teardown kills the whole group (server, serve, flow runs).
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+    # A session of its own: the teardown stops all of it (server, serve, flow runs).
+    server = start_service(command, log)
     try:
         api_url = f"http://127.0.0.1:{port}/api"
-        wait_for_deployments(api_url, process, log, timeout_s=420)
+        server.wait_until(lambda: all(registered(api_url, f"{name}/{DEPLOYMENT_NAME}") for name in FLOWS), 420,
+                          what="register the deployments", interval_s=2.0)
         print(f"\nserver up and deployments registered in {time.monotonic() - started:.0f} s")
         tiny = demo(*tiny_overrides(script)).model_dump(mode="json")
         yield Stack(home, api_url, log, tiny)
     finally:
-        stop_group(process)
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # anything left in the group (a stuck flow run)
-    except ProcessLookupError:
-        pass
-    process.wait()
+        stop(server, timeout_s=90)
 
 
 @pytest.mark.server
@@ -438,7 +404,7 @@ def test_deployments_register_in_a_process_work_pool(stack):
     """Last in the module: it moves the served deployments into the pool."""
     from prefect.client.orchestration import get_client
 
-    env = {**os.environ, "PREFECT_API_URL": stack.api_url, "PYTHONPATH": str(ROOT)}
+    env = project_env(PREFECT_API_URL=stack.api_url)
     result = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(stack.home), "serve", "--pool",
                              "distillery-test"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                             check=False)

@@ -10,39 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from flows_fixtures import demo
 
-from bench.local_services import postgres, postgres_bin, prefect_workers, project_env, stop, tail
+from bench.local_services import (
+    postgres,
+    postgres_bin,
+    prefect_workers,
+    registered,
+    start_service,
+    stop,
+)
 from flows.deployments import DEPLOYMENT_NAME
-from flows.server import free_port
+from services.processes import free_port, project_env
 
-ROOT = Path(__file__).resolve().parents[2]
 POOL = "distillery-postgres"
 if postgres_bin() is None and not os.environ.get("CI"):
     pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql; .ci/run installs it)",
                 allow_module_level=True)
-
-
-def wait_for_pool_deployments(api_url: str, server: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"distillery server exited ({server.returncode}):\n{tail(log, 60)}"
-        try:
-            response = httpx.get(f"{api_url}/deployments/name/index/{DEPLOYMENT_NAME}", timeout=10)
-            if response.status_code == 200 and response.json()["work_pool_name"] == POOL:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    pytest.fail(f"deployments not registered in {POOL!r} within {timeout_s:.0f} s:\n{tail(log, 60)}")
 
 
 def completed_flow_runs_in_postgres(database) -> int:
@@ -72,12 +60,10 @@ def test_two_concurrent_deployment_runs_on_two_workers_with_postgres(tmp_path):
         env = project_env(PREFECT_API_DATABASE_CONNECTION_URL=database.url)
         command = [sys.executable, "-m", "flows.cli", "--home", str(home), "server", "--port", str(port),
                    "--pool", POOL, "--no-schedule"]
-        logs.mkdir()
-        with open(logs / "server.log", "wb") as out:
-            server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+        server = start_service(command, logs / "server.log", env)
         try:
-            wait_for_pool_deployments(api_url, server, logs / "server.log", timeout_s=420)
+            server.wait_until(lambda: registered(api_url, f"index/{DEPLOYMENT_NAME}", POOL), 420,
+                              what=f"register the deployments in {POOL!r}", interval_s=2.0)
             # Workers poll every second (default 10 s), so that both runs start together.
             with prefect_workers(POOL, 2, api_url, logs, env={"PREFECT_WORKER_QUERY_SECONDS": "1"}) as worker_logs, \
                     temporary_settings(updates={PREFECT_API_URL: api_url}):
@@ -97,7 +83,7 @@ def test_two_concurrent_deployment_runs_on_two_workers_with_postgres(tmp_path):
         finally:
             stop(server)
         assert all(run.state.is_completed() for run in runs), (
-            [str(run.state) for run in runs], tail(logs / "server.log", 60), worker_text)
+            [str(run.state) for run in runs], server.tail(60), worker_text)
         # The runs overlapped in time, and each worker ran one of them (each may run one at a time).
         first, second = runs
         assert first.start_time < second.end_time and second.start_time < first.end_time

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -14,6 +13,7 @@ from retrieval_fixtures import ARTICLES
 from retrieval.index import load_index
 from retrieval.retriever import HttpRetriever, RetrieverUnavailable, web_search
 from retrieval.service import make_app
+from services.processes import free_port
 
 QUERIES = [*ARTICLES, "what causes ocean waves after an earthquake?", "paper folding art from Japan"]
 
@@ -92,11 +92,8 @@ def test_a_bad_request_body_is_a_422_naming_the_field_and_the_server_keeps_servi
 
 
 def test_unreachable_server_is_a_clear_error():
-    with socket.socket() as sock:  # a port that nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # bound, then released: nothing listens there
     client = HttpRetriever(f"http://127.0.0.1:{port}", timeout_s=2, retries=1, retry_wait_s=0.01)
-    with pytest.raises(
-        RetrieverUnavailable, match=f"cannot reach the retriever at http://127.0.0.1:{port}/retrieve"
-    ):
+    with pytest.raises(RetrieverUnavailable, match=rf"cannot reach the retriever at http://127.0.0.1:{port}/retrieve "
+                                                   r"after 2 attempt\(s\): ConnectError"):
         client.search(["x"], k=1)

@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from training_fixtures import CONFIGS, make_examples, write_examples
 
+from services.processes import project_env
 from storage.schemas import SFT_EXAMPLES, rows_to_table
 from training.checkpoints import latest_checkpoint
-from training.launch import PROJECT_ROOT, TrainJob, launch_accelerate, read_examples, write_job
+from training.launch import TrainJob, launch_accelerate, read_examples, write_job
 from training.sft import TrainConfig, train_lora
 
 
@@ -69,9 +70,8 @@ def test_accelerate_launch_single_device_trains_on_cpu(tmp_path, tiny_student):
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_student):
     job = job_for(tmp_path, tiny_student, max_steps=20, checkpoint_every=2)
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     process = subprocess.Popen([sys.executable, "-m", "training.launch", str(write_job(tmp_path / "job.json", job))],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               env=project_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = job.out_dir / "checkpoints"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
