@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from storage.errors import ServiceUnavailable, UserError
+from common.errors import ServiceUnavailable, UserError
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 

@@ -23,9 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agent_runtime.cot import run_cot
 from agent_runtime.engine import AgentConfig, AgentTask, SagConfig
 from agent_runtime.rollout import run_questions
+from common.errors import UserError
 from evaluation.grading import extract_answer, grade
 from questions.datasets import DatasetConfig, Question
-from storage.errors import UserError
 
 TEST_SETS = (
     DatasetConfig(name="arith", source="builtin:arith", split="test", kind="math", num_questions=32),

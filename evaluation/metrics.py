@@ -20,8 +20,8 @@ from collections.abc import Iterable
 
 import pyarrow as pa
 
+from common.errors import UserError
 from evaluation.grading import GRADER_VERSION
-from storage.errors import UserError
 from storage.schemas import METRICS, rows_to_table
 
 # Without these a row cannot be placed in a group or scored.

@@ -29,9 +29,9 @@ from pathlib import Path, PurePath
 
 import pyarrow as pa
 
+from common.files import atomic_write_bytes
 from evaluation.metrics import PredictionsError, group_sort_key, prediction_records
 from storage.schemas import METRICS, conform
-from storage.store import atomic_write_bytes
 
 DPI = 120
 MISSING = "–"  # an en dash: a cell with no value

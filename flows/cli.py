@@ -1,7 +1,7 @@
 """The ``distillery`` command line.
 
 Heavy imports (torch, transformers, prefect) happen inside the commands, so ``--help`` is instant.
-User errors (``storage.errors.UserError``: bad config, unknown model, missing artifact, bad input file)
+User errors (``common.errors.UserError``: bad config, unknown model, missing artifact, bad input file)
 print one line and exit 2; ``--debug`` shows the traceback instead. Any other exception is a bug and
 shows its traceback (exit 1). ``--home`` and ``--debug`` go before or after the command. A stage command
 runs under ``flows.supervisor``: SIGTERM or Ctrl+C stops it within seconds and no process outlives it.
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if args.home:
         os.environ["DISTILLERY_HOME"] = str(Path(args.home).resolve())
-    from storage.errors import UserError
+    from common.errors import UserError
 
     try:
         from flows import commands

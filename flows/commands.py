@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from storage.errors import UserError
+from common.errors import UserError
 from storage.store import ArtifactStore, default_root
 
 

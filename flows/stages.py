@@ -99,7 +99,7 @@ def teacher_inputs_check(cfg: PipelineConfig, kind: str) -> None:
 STAGES: tuple[Stage, ...] = (
     Stage(
         "index", "build (or reuse) the retrieval index and print its id",
-        code=("devices", "retrieval", "services", "storage"),
+        code=("common", "devices", "retrieval", "services", "storage"),
         inputs=lambda cfg, kind: (),
         identity=lambda cfg, kind, inputs: {"index": cfg.index.model_dump(mode="json"),
                                     "corpus_fingerprint": corpus_fingerprint(cfg.index.corpus)},
@@ -107,7 +107,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "prefixes", "the teacher's CoT solutions and first-thought prefixes (FTP)",
-        code=("agent_runtime", "devices", "evaluation", "questions", "services", "storage"),
+        code=("agent_runtime", "common", "devices", "evaluation", "questions", "services", "storage"),
         inputs=lambda cfg, kind: (),
         identity=lambda cfg, kind, inputs: {"prefixes": cfg.prefixes.model_dump(mode="json"),
                                     "teacher": cfg.teacher.model_dump(mode="json"),
@@ -117,7 +117,8 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "rollout", "generate, grade and store teacher trajectories",
-        code=("agent_runtime", "devices", "evaluation", "questions", "retrieval", "services", "storage"),
+        code=("agent_runtime", "common", "devices", "evaluation", "questions", "retrieval", "services",
+              "storage"),
         inputs=rollout_inputs,
         identity=lambda cfg, kind, inputs: {
             "rollout": cfg.rollout.model_dump(mode="json"), "teacher": cfg.teacher.model_dump(mode="json"),
@@ -128,7 +129,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "sft", "filter the trajectories (or CoT solutions) into a student's chat-format training examples",
-        code=("agent_runtime", "services", "storage", "training"),
+        code=("agent_runtime", "common", "services", "storage", "training"),
         inputs=lambda cfg, kind: ("prefixes",) if kind == "cot" else ("rollout",),
         identity=lambda cfg, kind, inputs: {"sft": cfg.sft.model_dump(mode="json"), "kind": kind},
         check=lambda cfg, kind: None,
@@ -136,7 +137,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "train", "LoRA-fine-tune the student on its training examples",
-        code=("devices", "services", "storage", "training"),
+        code=("common", "devices", "services", "storage", "training"),
         inputs=lambda cfg, kind: (f"sft/{kind}",),
         identity=lambda cfg, kind, inputs: {"train": cfg.train_config(kind).model_dump(mode="json")},
         check=lambda cfg, kind: checks.check_base_model(cfg.train_config(kind).base_model),

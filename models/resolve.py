@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.errors import UserError
+from common.errors import UserError
 
 
 class ModelNotAvailable(UserError, ValueError):

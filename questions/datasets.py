@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from common.errors import UserError
 from questions import builtin
-from storage.errors import UserError
 
 BUILTIN_KINDS: dict[str, Literal["math", "qa"]] = {"builtin:arith": "math", "builtin:facts": "qa"}
 CANONICAL_FIELDS = ("id", "question", "answer")

@@ -39,8 +39,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.errors import UserError
 from models.resolve import package_dir
-from storage.errors import UserError
 
 CorpusFormat = Literal["auto", "searchr1", "jsonl", "parquet", "vital-articles"]
 VITAL_ARTICLES = "vital-articles"

@@ -35,13 +35,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.errors import UserError
+from common.files import atomic_file
 from devices.precision import Dtype
 from retrieval.corpus import CorpusConfig, CorpusStats, corpus_fingerprint, iter_passages, join_contents
 from retrieval.embed import Embedder
 from retrieval.retriever import PassageTable, Retriever
-from storage.errors import UserError
 from storage.schemas import PASSAGES
-from storage.store import atomic_file
 
 if TYPE_CHECKING:
     import faiss  # imported where used: it takes seconds to load

@@ -29,9 +29,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.errors import ServiceUnavailable
 from retrieval.corpus import join_contents, split_contents
 from services.client import NoAnswer, Refused, ServiceClient
-from storage.errors import ServiceUnavailable
 from storage.schemas import PASSAGES
 
 if TYPE_CHECKING:

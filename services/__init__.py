@@ -5,5 +5,5 @@
 - ``services.client``: JSON over HTTP to one service (an OpenAI-compatible server, the retriever)
   under one retry policy.
 
-Imports nothing from the project but ``storage.errors``, so every layer can use it.
+Imports nothing from the project but ``common.errors``, so every layer can use it.
 """

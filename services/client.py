@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from storage.errors import ServiceUnavailable, UserError
+from common.errors import ServiceUnavailable, UserError
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 

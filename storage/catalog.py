@@ -20,8 +20,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.files import TMP_MARK
 from storage.schemas import TABLES, conform
-from storage.store import MANIFEST, TMP_MARK, ArtifactError, ArtifactStore
+from storage.store import MANIFEST, ArtifactError, ArtifactStore
 
 ARTIFACT_COLUMNS = pa.schema([
     ("stage", pa.string()), ("id", pa.string()), ("created", pa.string()), ("code_version", pa.string()),

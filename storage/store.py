@@ -13,11 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -25,13 +21,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.errors import UserError
+from common.errors import UserError
+from common.files import atomic_file, atomic_write_json, clean_stale_temp
 from storage.schemas import conform
 
 MANIFEST = "manifest.json"
-TMP_MARK = ".tmp-"
 PACKAGES = ("agent_runtime", "devices", "models", "questions", "retrieval", "storage", "training", "evaluation",
-            "tasks", "flows", "services")
+            "tasks", "flows", "services", "common")
 """The project's packages: the code version of an artifact whose stage names no narrower set (a re-grade)."""
 
 
@@ -73,75 +69,12 @@ def artifact_id(stage: str, config: dict, parents: list[str], code: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def temp_prefix(name: str) -> str:
-    """Temporary names carry the writer's pid, so cleaning never removes a live writer's file."""
-    return f"{name}{TMP_MARK}{os.getpid()}-"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_json(path: Path, value) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
 def atomic_write_table(path: Path, table: pa.Table, schema: pa.Schema | None = None) -> None:
     """Write a Parquet file atomically, cast to ``schema`` when given."""
     if schema is not None:
         table = conform(table, schema)
     with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
-
-
-@contextmanager
-def atomic_file(path: Path, suffix: str = "") -> Iterator[Path]:
-    """A temporary name beside ``path`` for a writer that wants a file name (Parquet, GGUF, a plot);
-    the file is synced and renamed into place when the block succeeds, and removed when it fails.
-
-    ``suffix`` ends the temporary name, for writers that choose a format by it (``.png``).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-@contextmanager
-def atomic_dir(path: Path, replace: bool = True) -> Iterator[Path]:
-    """Build a folder under a temporary name and rename it into place when the block succeeds.
-
-    ``replace=False``: a folder that another writer put at ``path`` first is kept, and this one dropped.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), dir=path.parent))
-    try:
-        yield tmp
-        if replace:
-            move_dir_into_place(tmp, path)
-        else:
-            try:
-                os.replace(tmp, path)
-            except OSError:  # another writer's folder is there: keep it
-                pass
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def move_dir_into_place(tmp: Path, path: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``path``, replacing a folder there (e.g. an older copy)."""
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
 
 
 def part_name(index: int) -> str:
@@ -291,28 +224,4 @@ class ArtifactStore:
         return sum(clean_stale_temp(p) for p in self.root.glob("*/*") if p.is_dir())
 
 
-def clean_stale_temp(folder: Path) -> int:
-    """Delete temporary files and folders under ``folder`` whose writer process is gone."""
-    removed = 0
-    for path in folder.rglob(f"*{TMP_MARK}*"):
-        if _writer_alive(path.name):
-            continue
-        try:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-            removed += 1
-        except FileNotFoundError:
-            continue
-    return removed
 
-
-def _writer_alive(name: str) -> bool:
-    pid_text = name.split(TMP_MARK, 1)[1].split("-", 1)[0]
-    if not pid_text.isdigit():
-        return False
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

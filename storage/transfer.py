@@ -22,7 +22,8 @@ import tarfile
 import time
 from pathlib import Path, PurePosixPath
 
-from storage.store import MANIFEST, TMP_MARK, ArtifactError, ArtifactStore, atomic_write_json
+from common.files import TMP_MARK, atomic_write_json
+from storage.store import MANIFEST, ArtifactError, ArtifactStore
 
 EXPORT_INFO = "export.json"
 FORMAT = "distillery-artifacts/1"

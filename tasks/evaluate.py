@@ -25,9 +25,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from agent_runtime.backends import BackendConfig
+from common.errors import UserError
 from models.files import check_adapter
 from storage.catalog import read_table
-from storage.errors import UserError
 from storage.schemas import METRICS
 from storage.store import ArtifactError, ArtifactRef, StagePlan
 from tasks.artifacts import build_artifact, in_prefect_run

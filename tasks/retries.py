@@ -9,7 +9,7 @@ delay; ``ServiceUnavailable`` is the user error that is retried. Every stage tas
 
 from __future__ import annotations
 
-from storage.errors import ServiceUnavailable, UserError
+from common.errors import ServiceUnavailable, UserError
 
 
 def is_transient(task, task_run, state) -> bool:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 from prefect import task
 
+from common.errors import UserError
 from storage.catalog import read_table
-from storage.errors import UserError
 from storage.schemas import SFT_EXAMPLES
 from storage.store import ArtifactRef, StagePlan
 from tasks.artifacts import build_artifact

@@ -21,10 +21,10 @@ from pydantic import BaseModel, ConfigDict
 from agent_runtime.backends import BackendConfig
 from agent_runtime.rollout import split_parts
 from agent_runtime.sandbox import Sandbox, SandboxConfig
+from common.errors import UserError
 from evaluation.evaluate import EvalConfig, evaluate_questions
 from questions.datasets import load_dataset, with_limit
 from retrieval.index import IndexConfig
-from storage.errors import UserError
 from storage.schemas import PREDICTIONS
 from storage.store import ArtifactRef, atomic_write_table, part_name
 from tasks.progress import Progress

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from storage.store import move_dir_into_place
+from common.files import move_dir_into_place
 
 MARKER = "COMPLETE"
 PROGRESS = "progress.json"

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from storage.errors import UserError
+from common.errors import UserError
 
 IGNORE_INDEX = -100
 

@@ -30,9 +30,9 @@ from typing import TextIO
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.errors import UserError
+from common.files import atomic_write_bytes
 from services.processes import project_env
-from storage.errors import UserError
-from storage.store import atomic_write_bytes
 from training.sft import TrainConfig
 
 

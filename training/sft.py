@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.files import atomic_dir, atomic_file
 from devices.precision import resolve_dtype
-from storage.store import atomic_dir, atomic_file, atomic_write_table
+from storage.store import atomic_write_table
 from training.checkpoints import (
     install_adapter_state_hooks,
     latest_checkpoint,

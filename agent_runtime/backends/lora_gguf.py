@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.files import atomic_file
 from models.split_gguf import model_cache
-from storage.store import atomic_file
 
 PEFT_PREFIX = "base_model.model."
 

@@ -48,9 +48,9 @@ from agent_runtime.generation import (
     cut_at_stop,
     sample_seed,
 )
+from common.files import atomic_dir
 from devices.precision import resolve_dtype
 from models.resolve import ModelSource, resolve_model
-from storage.store import atomic_dir
 
 # Prompt tokens decoded together with the continuation, so tokenizers that drop a leading space on the
 # first decoded token (SentencePiece) still return "Thought: I| am" as " am".

@@ -28,16 +28,23 @@ def test_the_runtime_and_the_question_sets_import_no_higher_layer(package):
     assert offenders == {}
 
 
-
 def test_services_are_below_every_other_package():
     """``services`` (child processes, the HTTP client) is used by every layer, so it imports none of them;
-    only ``storage.errors``, which imports nothing itself."""
+    only ``common.errors``, which imports nothing itself."""
     above = {"agent_runtime", "questions", "evaluation", "retrieval", "training", "models", "devices", "tasks",
-             "flows", "bench", "prefect"}
+             "flows", "bench", "prefect", "storage"}
     modules = sorted((ROOT / "services").rglob("*.py"))
     offenders = {str(path.relative_to(ROOT)): sorted(found) for path in modules
                  if (found := imported_packages(path) & above)}
     assert offenders == {}
-    storage = {node.module for path in modules for node in ast.walk(ast.parse(path.read_text()))
-               if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("storage")}
-    assert storage == {"storage.errors"}
+    common = {node.module for path in modules for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("common")}
+    assert common == {"common.errors"}
+
+
+def test_common_imports_nothing_of_the_project():
+    """``common`` (the user errors, atomic writes) is the bottom of every layer."""
+    project = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()} - {"common"}
+    offenders = {str(path.relative_to(ROOT)): sorted(found) for path in sorted((ROOT / "common").rglob("*.py"))
+                 if (found := imported_packages(path) & project)}
+    assert offenders == {}

@@ -104,7 +104,7 @@ def test_home_and_debug_go_before_or_after_the_command(home, tmp_path, capsys):
 
 
 def test_only_user_errors_are_one_line_other_exceptions_keep_their_traceback(home, monkeypatch, capsys):
-    from storage.errors import UserError
+    from common.errors import UserError
 
     def fail_with(error):
         def dispatch(args):

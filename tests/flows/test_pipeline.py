@@ -158,8 +158,8 @@ def test_pipeline_runs_every_stage_with_lineage_and_reuses_them(tiny_setup, home
 
     # `distillery evaluate --methods cot,agent` with a per-method limit: only those rows, the limited
     # method on the first question of each dataset; a new artifact beside the others.
+    from common.errors import UserError
     from flows.pipeline import run_stage_flow
-    from storage.errors import UserError
 
     methods = tuple(m.model_copy(update={"limit": 1}) if m.name == "cot" else m for m in cfg.evaluate.methods)
     chosen = cfg.evaluate.model_copy(update={"methods": methods}).only_methods(["agent", "cot"])

@@ -6,9 +6,9 @@ import os
 import pytest
 from flows_fixtures import write_inputs
 
+from common.errors import UserError
 from flows.config import PipelineConfig
 from storage.catalog import query
-from storage.errors import UserError
 from tasks.evaluate import shard_pins
 from tasks.shard_worker import ShardPin
 

@@ -11,9 +11,9 @@ from itertools import pairwise
 
 import pytest
 
+from common.errors import ServiceUnavailable, UserError
 from services.client import NoAnswer, Refused, ServiceClient
 from services.processes import free_port
-from storage.errors import ServiceUnavailable, UserError
 
 
 @pytest.fixture

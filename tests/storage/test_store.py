@@ -149,7 +149,7 @@ def test_every_view_exists_with_its_columns_on_an_empty_home(home):
 
 
 def test_atomic_file_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
-    from storage.store import atomic_file
+    from common.files import atomic_file
 
     target = tmp_path / "out" / "plot.png"
     with atomic_file(target, suffix=".png") as temporary:
@@ -163,7 +163,7 @@ def test_atomic_file_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
 
 
 def test_atomic_dir_replaces_a_folder_or_keeps_one_another_writer_finished_first(tmp_path):
-    from storage.store import atomic_dir
+    from common.files import atomic_dir
 
     target = tmp_path / "model"
     with atomic_dir(target) as folder:
