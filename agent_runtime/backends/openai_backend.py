@@ -40,6 +40,7 @@ from agent_runtime.generation import (
     GenerationError,
     Request,
     Sampling,
+    Scored,
     cut_at_stop,
     sample_seed,
 )
@@ -91,6 +92,13 @@ class OpenAIGenerator:
                 future.cancel()  # calls not started yet are dropped; running ones end on their own
             raise
         return [Generation([done[i, j] for j in range(sampling.n)]) for i in range(len(requests))]
+
+    def score(self, requests: list[Request], completions: list[str]) -> list[Scored]:
+        """Not implemented over HTTP yet (vLLM's server could, through its ``prompt_logprobs`` extension)."""
+        raise GenerationError(
+            f"{self.name}: scoring given tokens is not implemented for OpenAI-compatible servers; "
+            "score with the transformers or vllm backend"
+        )
 
     def close(self) -> None:
         """Stop the worker threads and close the HTTP connections."""

@@ -316,6 +316,53 @@ def test_missing_adapter_folder_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
+def test_score_gives_the_log_probs_of_a_plain_forward_pass(smol_fp32):
+    smol = smol_fp32
+    requests = [chat("What is the capital of France?"), chat("Name three animals, please.")]
+    completions = ["The capital of France is Paris.", "Cat"]
+    scored = smol.score(requests, completions)
+    for request, completion, result in zip(requests, completions, scored):
+        prompt = smol.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        prompt_ids = smol.tokenizer(prompt, add_special_tokens=False).input_ids
+        given = smol.tokenizer(completion, add_special_tokens=False).input_ids
+        assert result.token_ids == given and len(result.logprobs) == len(given)
+        with torch.inference_mode():  # one row alone, no padding, every position's logits
+            logits = smol.model(torch.tensor([prompt_ids + given])).logits[0].float()
+        expected = logits.log_softmax(-1)[len(prompt_ids) - 1 : -1].gather(-1, torch.tensor(given).view(-1, 1))
+        assert result.logprobs == pytest.approx(expected.view(-1).tolist(), abs=1e-4)
+        assert all(lp <= 0 for lp in result.logprobs)
+    assert smol.score(requests[:1], ["The capital of France is Paris."])[0].logprobs == pytest.approx(
+        scored[0].logprobs, abs=1e-4
+    )  # the padding of the batch does not change a row's scores
+
+
+@pytest.mark.slow
+def test_score_prefers_the_right_answer_and_handles_prefixes(smol_fp32):
+    question = chat("What is the capital of France?")
+    right, wrong = smol_fp32.score([question, question], ["Paris", "Berlin"])
+    assert right.total > wrong.total
+    continued = Request(question.messages + [{"role": "assistant", "content": "The capital of France is"}],
+                        continue_final=True)
+    right, wrong, empty = smol_fp32.score([continued] * 3, [" Paris", " Berlin", ""])
+    assert right.total > wrong.total
+    assert (empty.token_ids, empty.logprobs, empty.total) == ([], [], 0)
+    with pytest.raises(ValueError, match="one completion per request"):
+        smol_fp32.score([question], ["a", "b"])
+
+
+def test_backends_without_a_scorer_say_so():
+    from agent_runtime.backends.llamacpp_backend import LlamaCppGenerator
+    from agent_runtime.backends.scripted import ScriptedGenerator
+
+    with pytest.raises(GenerationError, match="no model to score"):
+        ScriptedGenerator(["x"]).score([chat("q")], ["x"])
+    llamacpp = object.__new__(LlamaCppGenerator)  # the error needs no server
+    llamacpp.name = "llamacpp:smollm2"
+    with pytest.raises(GenerationError, match="cannot score given tokens"):
+        llamacpp.score([chat("q")], ["x"])
+
+
+@pytest.mark.slow
 def test_dequantized_cache_matches_the_gguf(smol_fp32):
     """The cached safetensors folder must be the same model and tokenizer as loading the GGUF directly."""
     import torch
