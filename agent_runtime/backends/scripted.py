@@ -12,7 +12,15 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from agent_runtime.generation import Completion, Generation, GenerationError, Request, Sampling, cut_at_stop
+from agent_runtime.generation import (
+    Completion,
+    Generation,
+    GenerationError,
+    Request,
+    Sampling,
+    Scored,
+    cut_at_stop,
+)
 
 Script = list[str] | Callable[[Request, int], str]
 
@@ -67,6 +75,10 @@ class ScriptedGenerator:
             ]
             generations.append(Generation(completions=completions))
         return generations
+
+    def score(self, requests: list[Request], completions: list[str]) -> list[Scored]:
+        """A script has no model to score with."""
+        raise GenerationError("the scripted generator replays text; it has no model to score completions with")
 
     def close(self) -> None:
         """Nothing to release."""

@@ -45,6 +45,7 @@ from agent_runtime.generation import (
     GenerationError,
     Request,
     Sampling,
+    Scored,
     cut_at_stop,
     sample_seed,
 )
@@ -89,6 +90,41 @@ class TransformersGenerator:
         if distinct == sampling.n:
             return [Generation([done[i, j] for j in range(sampling.n)]) for i in range(len(requests))]
         return [Generation(repeat_completion(done[i, 0], sampling.n)) for i in range(len(requests))]
+
+    def score(self, requests: list[Request], completions: list[str]) -> list[Scored]:
+        """The log-probs of each given completion after its request's prompt (see ``Scored``): one forward
+        pass per chunk of ``batch_size`` rows, left-padded so every row's completion ends at the right edge
+        and only the last positions' logits are computed."""
+        rows = [score_ids(self.tokenizer, i, r, c) for i, (r, c) in enumerate(paired(requests, completions))]
+        scored = []
+        for start in range(0, len(rows), self.cfg.batch_size):
+            chunk = rows[start : start + self.cfg.batch_size]
+            with torch.inference_mode():
+                scored.extend(self._score_rows(chunk))
+        return scored
+
+    def _score_rows(self, rows: list[tuple[list[int], list[int]]]) -> list[Scored]:
+        ids, mask = left_pad([prompt + tokens for prompt, tokens in rows], self.tokenizer.pad_token_id,
+                             self.device)
+        longest = max(len(tokens) for _, tokens in rows)
+        # Position -1 - k predicts the token k places before the right edge; the last position predicts
+        # nothing given, so the logits of the last longest + 1 positions cover every row's completion.
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            logits_to_keep=longest + 1,
+        ).logits[:, :-1]
+        logprobs = logits.float().log_softmax(-1)
+        scored = []
+        for row, (_, tokens) in enumerate(rows):
+            if not tokens:
+                scored.append(Scored([], []))
+                continue
+            given = torch.tensor(tokens, device=self.device)
+            picked = logprobs[row, longest - len(tokens) :].gather(-1, given.view(-1, 1)).view(-1)
+            scored.append(Scored(list(tokens), picked.tolist()))
+        return scored
 
     def close(self) -> None:
         """Drop the model so its memory can be freed."""
@@ -338,6 +374,20 @@ def prompt_ids(tokenizer, index: int, request: Request) -> list[int]:
         raise GenerationError(f"request {index}: cannot render the chat template: {exc}") from exc
     # The template already wrote BOS/special tokens; adding them again would double BOS.
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def score_ids(tokenizer, index: int, request: Request, completion: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of one scored pair: the prompt ``generate`` would decode from, and the
+    completion text tokenized alone (no special tokens), as ``Scored`` documents."""
+    return prompt_ids(tokenizer, index, request), tokenizer(completion, add_special_tokens=False).input_ids
+
+
+def paired(requests: list[Request], completions: list[str]) -> zip:
+    """``zip(requests, completions)``, refusing lists of different lengths (one completion per request)."""
+    if len(requests) != len(completions):
+        raise ValueError(f"score needs one completion per request, got {len(requests)} requests and "
+                         f"{len(completions)} completions")
+    return zip(requests, completions)
 
 
 def left_pad(

