@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from services.processes import PROJECT_ROOT
 from storage.schemas import SFT_EXAMPLES, rows_to_table
 from training.examples import agent_messages
-from training.launch import PROJECT_ROOT
 
 CONFIGS = PROJECT_ROOT / "configs" / "accelerate"
 SYSTEM = "You solve tasks with Python code. End with final_answer(x)."
