@@ -272,5 +272,5 @@ def retriever(args) -> int:
     return 0
 
 
-def print_ref(ref, out=sys.stdout) -> None:
-    print(f"{ref.stage} {ref.id} {Path(ref.root) / ref.stage / ref.id}", file=out)
+def print_ref(ref) -> None:
+    print(f"{ref.stage} {ref.id} {Path(ref.root) / ref.stage / ref.id}")

@@ -409,7 +409,7 @@ def test_deployments_register_in_a_process_work_pool(stack):
                              "distillery-test"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                             check=False)
     assert result.returncode == 0, result.stderr
-    assert "registered 7 deployments in work pool 'distillery-test'" in result.stdout
+    assert f"registered {len(FLOWS)} deployments in work pool 'distillery-test'" in result.stdout
     with stack.settings(), get_client(sync_client=True) as client:
         assert client.read_work_pool("distillery-test").type == "process"
         for name in FLOWS:

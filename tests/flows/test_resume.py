@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from flows_fixtures import SLEEP_ACTION, write_inputs
 
+from agent_runtime.rollout import split_parts
+from questions.datasets import DatasetConfig, load_dataset
 from storage.catalog import query
 
 
@@ -110,7 +112,9 @@ def slow_evaluate_config(tmp_path):
     """The evaluation above, but only the first shard is quick: every later action sleeps 60 s."""
     paths = write_inputs(tmp_path, seconds=60)
     quick = SLEEP_ACTION.format(seconds=0.1)
-    Path(paths["script"]).write_text(json.dumps([quick, quick] + [SLEEP_ACTION.format(seconds=60)] * 20))
+    # One quick action for each question of shard 0 (it runs first: max_workers 1), answered in one step.
+    first_shard = len(split_parts(load_dataset(DatasetConfig(name="sums", source=paths["questions"])), 6)[0])
+    Path(paths["script"]).write_text(json.dumps([quick] * first_shard + [SLEEP_ACTION.format(seconds=60)] * 20))
     config = tmp_path / "slow.yaml"
     config.write_text(f"""
 index: {{corpus: {{source: "{paths['corpus']}"}}}}
