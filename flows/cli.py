@@ -2,7 +2,7 @@
 
 Heavy imports (torch, transformers, prefect) happen inside the commands, so ``--help`` is instant.
 User errors (``common.errors.UserError``: bad config, unknown model, missing artifact, bad input file)
-print one line and exit 2; ``--debug`` shows the traceback instead. Any other exception is a bug and
+print one line and exit 2; ``--debug`` also shows the traceback (still exit 2). Any other exception is a bug and
 shows its traceback (exit 1). ``--home`` and ``--debug`` go before or after the command. A stage command
 runs under ``flows.supervisor``: SIGTERM or Ctrl+C stops it within seconds and no process outlives it.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from flows import stages
@@ -148,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except UserError as exc:  # one line; anything else is a bug and keeps its traceback (exit 1)
-        if args.debug:
-            raise
+        if args.debug:  # the traceback too, but still exit 2: scripts tell bad input from bugs by the code
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
