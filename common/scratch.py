@@ -3,7 +3,8 @@
 ``scratch_dir()`` is ``$TMPDIR/distillery-<pid>-<start>-<random>``, made on first use by the process that
 asks first (its owner; ``<start>`` is the owner's start time in 1/100 s since the epoch) and removed when
 the owner exits normally. Child processes inherit its path (``DISTILLERY_SCRATCH``) and use it instead of
-making their own, so one folder holds a whole run: llama.cpp's slot files and logs, sandbox folders.
+making their own (unless given another $TMPDIR), so one folder holds a whole run: llama.cpp's slot files
+and logs, sandbox folders.
 
 A killed run cannot remove its folder. ``sweep()`` removes every scratch folder whose owner is gone: the
 stage's reaper calls it once the stage has ended, however it ended (``flows.supervisor``), and each new
@@ -41,7 +42,8 @@ def scratch_dir() -> Path:
     global _owned, _owner_pid
     with _lock:
         inherited = os.environ.get(SCRATCH_VARIABLE)
-        if inherited and Path(inherited).is_dir():
+        # A child given another $TMPDIR (tests do that) makes its own folder there.
+        if inherited and Path(inherited).is_dir() and Path(inherited).parent == Path(tempfile.gettempdir()):
             return Path(inherited)
         sweep()
         pid = os.getpid()

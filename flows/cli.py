@@ -133,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     # No telemetry: the machine may have no route out, and nothing here should phone home.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Importing parts of torch makes its compile cache in $TMPDIR/torchinductor_<user>, which outlives
+    # every run there; a cache belongs beside the project's others ($XDG_CACHE_HOME/distillery).
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "distillery"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "torchinductor"))
     if args.home:
         os.environ["DISTILLERY_HOME"] = str(Path(args.home).resolve())
     from common.errors import UserError

@@ -12,11 +12,11 @@ import psutil
 from common.scratch import SCRATCH_VARIABLE, sweep
 
 
-def python(code: str, tmp, **kwargs) -> subprocess.Popen:
+def python(code: str, tmp, args: tuple[str, ...] = ()) -> subprocess.Popen:
     """``code`` in a new interpreter whose $TMPDIR is ``tmp`` and that inherits no scratch folder."""
     env = {key: value for key, value in os.environ.items() if key != SCRATCH_VARIABLE}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env={**env, "TMPDIR": str(tmp)},
-                            stdout=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env={**env, "TMPDIR": str(tmp)},
+                            stdout=subprocess.PIPE, text=True)
 
 
 def test_sweep_removes_the_folders_of_dead_owners_and_keeps_the_live_ones(tmp_path):
@@ -43,15 +43,24 @@ def test_scratch_is_shared_with_children_and_removed_at_exit(tmp_path):
         folder = scratch_dir()
         child = subprocess.run([sys.executable, "-c", "from common.scratch import scratch_dir; print(scratch_dir())"],
                                capture_output=True, text=True, check=True).stdout.strip()
-        print(folder, child, oct(folder.stat().st_mode & 0o777), os.listdir(os.environ["TMPDIR"]))
+        elsewhere = subprocess.run([sys.executable, "-c", "from common.scratch import scratch_dir; print(scratch_dir())"],
+                                   capture_output=True, text=True, check=True,
+                                   env={**os.environ, "TMPDIR": sys.argv[1]}).stdout.strip()
+        print(folder, child, elsewhere, oct(folder.stat().st_mode & 0o777), os.listdir(os.environ["TMPDIR"]))
     """
-    process = python(code, tmp_path)
-    folder, child, mode, listed = process.communicate(timeout=60)[0].split(" ", 3)
+    other = tmp_path / "other"
+    tmp = tmp_path / "tmp"
+    other.mkdir()
+    tmp.mkdir()
+    process = python(code, tmp, args=[str(other)])
+    folder, child, elsewhere, mode, listed = process.communicate(timeout=60)[0].split(" ", 4)
     assert process.returncode == 0
-    assert child == folder and folder.startswith(f"{tmp_path}/distillery-{process.pid}-")
+    assert child == folder and folder.startswith(f"{tmp}/distillery-{process.pid}-")
+    assert elsewhere.startswith(f"{other}/distillery-")  # a child given another $TMPDIR makes its own there
+    assert list(other.iterdir()) == []  # and removes it at its exit
     assert mode == "0o711"  # the sandbox's actions (as nobody) pass through it to their own folder
     assert listed.strip() == repr([folder.rsplit("/", 1)[1]])  # the only folder made, while it ran
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp.iterdir()) == []
 
 
 def test_a_killed_runs_folder_is_swept_by_the_next_run(tmp_path):
