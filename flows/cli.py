@@ -2,7 +2,7 @@
 
 Heavy imports (torch, transformers, prefect) happen inside the commands, so ``--help`` is instant.
 User errors (``common.errors.UserError``: bad config, unknown model, missing artifact, bad input file)
-print one line and exit 2; ``--debug`` shows the traceback instead. Any other exception is a bug and
+print one line and exit 2; ``--debug`` also shows the traceback (still exit 2). Any other exception is a bug and
 shows its traceback (exit 1). ``--home`` and ``--debug`` go before or after the command. A stage command
 runs under ``flows.supervisor``: SIGTERM or Ctrl+C stops it within seconds and no process outlives it.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from flows import stages
@@ -132,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     # No telemetry: the machine may have no route out, and nothing here should phone home.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Importing parts of torch makes its compile cache in $TMPDIR/torchinductor_<user>, which outlives
+    # every run there; a cache belongs beside the project's others ($XDG_CACHE_HOME/distillery).
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "distillery"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "torchinductor"))
     if args.home:
         os.environ["DISTILLERY_HOME"] = str(Path(args.home).resolve())
     from common.errors import UserError
@@ -148,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except UserError as exc:  # one line; anything else is a bug and keeps its traceback (exit 1)
-        if args.debug:
-            raise
+        if args.debug:  # the traceback too, but still exit 2: scripts tell bad input from bugs by the code
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

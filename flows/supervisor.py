@@ -9,7 +9,9 @@
 - A reaper process outlives the stage: it waits for the stage's process to end, however it ends (even
   SIGKILL), then stops every process that still carries the stage's token in its environment: Prefect's
   temporary API server (uvicorn), evaluation shard processes, a local Dask cluster. (Sandbox workers get
-  a clean environment; they die with their parent through PR_SET_PDEATHSIG.)
+  a clean environment; they die with their parent through PR_SET_PDEATHSIG.) Then it removes the run's
+  scratch folder (``common.scratch``: llama.cpp's slot files and log, sandbox folders), which a killed
+  stage could not remove itself.
 - Unless ``--debug``, Prefect's console handler prints log records without their tracebacks (the API
   handler still sends them to the Prefect logs); the CLI prints the error itself in one line.
 
@@ -27,6 +29,7 @@ import threading
 import uuid
 from collections.abc import Callable
 
+from common.scratch import sweep
 from services.processes import marked, start, stop_all
 
 TOKEN_VARIABLE = "DISTILLERY_STAGE_TOKEN"
@@ -91,9 +94,11 @@ def start_reaper() -> None:
 
 
 def reap(token: str) -> int:
-    """Block until the stage process is gone, then SIGTERM (and after a grace period SIGKILL) the rest."""
+    """Block until the stage process is gone, then SIGTERM (and after a grace period SIGKILL) the rest and
+    remove the scratch folders whose owners are gone (the stage's among them)."""
     sys.stdin.buffer.read()  # EOF: every copy of the write end is closed, so the stage process ended
     stop_all(marked(TOKEN_VARIABLE, token), REAPER_GRACE_S)
+    sweep()  # after the children: none of them writes there any more
     return 0
 
 

@@ -111,8 +111,8 @@ def load_dataset(cfg: DatasetConfig) -> list[Question]:
         questions = _facts_questions(cfg)
     else:
         path = Path(cfg.source).expanduser()
-        records = read_records(path)
-        questions = _to_questions(records, path, cfg)
+        records, positions = read_records(path)
+        questions = _to_questions(records, positions, path, cfg)
     return questions[: cfg.limit] if cfg.limit is not None else questions
 
 
@@ -185,17 +185,21 @@ def _facts_questions(cfg: DatasetConfig) -> list[Question]:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def read_records(path: Path) -> list[Any]:
-    """The raw example records of a dataset file (not yet validated)."""
+def read_records(path: Path) -> tuple[list[Any], list[int]]:
+    """The raw example records of a dataset file (not yet validated) and where each one is in the file:
+    its line (from 1) in JSON Lines, its index (from 0) in the paper layout's "examples" list or among
+    the Parquet rows."""
     if not path.is_file():
         raise DatasetError(f"{path}: dataset file not found")
     suffix = path.suffix.lower()
     if suffix == ".json":
-        return _read_paper_json(path)
+        records = _read_paper_json(path)
+        return records, list(range(len(records)))
     if suffix == ".jsonl":
         return _read_jsonl(path)
     if suffix == ".parquet":
-        return _read_parquet(path)
+        records = _read_parquet(path)
+        return records, list(range(len(records)))
     raise DatasetError(
         f"{path}: unsupported dataset format {suffix!r}; use .json (paper layout), .jsonl or .parquet"
     )
@@ -216,8 +220,8 @@ def _read_paper_json(path: Path) -> list[Any]:
     return data["examples"]
 
 
-def _read_jsonl(path: Path) -> list[Any]:
-    records = []
+def _read_jsonl(path: Path) -> tuple[list[Any], list[int]]:
+    records, linenos = [], []  # blank lines are skipped, so a record's index is not its line
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
@@ -227,9 +231,10 @@ def _read_jsonl(path: Path) -> list[Any]:
             continue
         try:
             records.append(json.loads(line))
+            linenos.append(lineno)
         except json.JSONDecodeError as e:
             raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
-    return records
+    return records, linenos
 
 
 def _read_parquet(path: Path) -> list[Any]:
@@ -242,7 +247,7 @@ def _read_parquet(path: Path) -> list[Any]:
         raise DatasetError(f"{path}: not a readable Parquet file ({e})") from e
 
 
-def _to_questions(records: list[Any], path: Path, cfg: DatasetConfig) -> list[Question]:
+def _to_questions(records: list[Any], positions: list[int], path: Path, cfg: DatasetConfig) -> list[Question]:
     if not records:
         raise DatasetError(f"{path}: the dataset holds no examples")
     names = {field: cfg.fields.get(field, field) for field in CANONICAL_FIELDS}
@@ -255,10 +260,21 @@ def _to_questions(records: list[Any], path: Path, cfg: DatasetConfig) -> list[Qu
     for index, record in enumerate(records):
         q = _to_question(record, index, path, names, cfg.name)
         if q.id in first_index:
-            raise DatasetError(f"{path}: examples {first_index[q.id]} and {index} share the id {q.id!r}")
+            first, second = positions[first_index[q.id]], positions[index]
+            raise DatasetError(f"{path}: {_two_places(path, first, second)} share the id {q.id!r}")
         first_index[q.id] = index
         questions.append(q)
     return questions
+
+
+def _two_places(path: Path, first: int, second: int) -> str:
+    """Two records' places (``read_records``' positions) in the terms the user finds them by in the file."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return f"lines {first} and {second}"
+    if suffix == ".json":
+        return f'entries {first} and {second} (counting from 0) of "examples"'
+    return f"rows {first} and {second} (counting from 0)"
 
 
 def _to_question(record: Any, index: int, path: Path, names: dict[str, str], dataset: str) -> Question:

@@ -39,6 +39,7 @@ from agent_runtime.generation import (
     Sampling,
     Scored,
 )
+from common.scratch import scratch_dir
 from services.client import NoAnswer, Refused, ServiceClient
 from services.processes import HOST, ChildError, free_port, start
 
@@ -86,19 +87,22 @@ class LlamaCppGenerator:
 
             lora = gguf_adapter_for(Path(cfg.adapter), model)
         self.name = f"llamacpp:{cfg.model}" + (f"+{Path(cfg.adapter).name}" if cfg.adapter else "")
-        log_fd, log_path = tempfile.mkstemp(prefix="llamacpp-", suffix=".log")
-        os.close(log_fd)
-        self._slot_dir = tempfile.mkdtemp(prefix="llamacpp-slots-")
+        # The server's log and slot files in one folder of the run's scratch, which is removed with the
+        # run even if this process is killed.
+        self._scratch = Path(tempfile.mkdtemp(prefix="llamacpp-", dir=scratch_dir()))
+        log_path = self._scratch / "server.log"
+        slot_dir = self._scratch / "slots"
+        slot_dir.mkdir()
         self._shared: set[str] = set()  # system messages already in every slot
         self._client: OpenAIGenerator | None = None
         port = free_port()
         cmd = [sys.executable, "-m", "agent_runtime.backends.llamacpp_server", "--model", str(model),
                "--alias", cfg.model, "--port", str(port), "--slots", str(cfg.slots),
                "--ctx-per-slot", str(cfg.ctx_per_slot), "--threads", str(cfg.threads or cpu_threads()),
-               "--cache-ram-mib", str(cfg.cache_ram_mib), "--slot-save-path", self._slot_dir, "--quiet"]
+               "--cache-ram-mib", str(cfg.cache_ram_mib), "--slot-save-path", str(slot_dir), "--quiet"]
         if lora is not None:
             cmd += ["--lora", str(lora)]
-        self.server = start(cmd, name="the llama.cpp server", log=Path(log_path))  # its log: read back for errors
+        self.server = start(cmd, name="the llama.cpp server", log=log_path)  # its log: read back for errors
         self.base_url = f"http://{HOST}:{port}"
         self.api = ServiceClient(self.base_url, timeout_s=cfg.timeout_s, retries=cfg.max_retries)
         try:
@@ -174,8 +178,7 @@ class LlamaCppGenerator:
             self._client.close()
         self.api.close()
         self.server.stop(timeout_s=10)
-        self.server.log.unlink(missing_ok=True)
-        shutil.rmtree(self._slot_dir, ignore_errors=True)
+        shutil.rmtree(self._scratch, ignore_errors=True)
 
     def _check_alive(self, cause: Exception | None = None) -> None:
         status = self.server.exit_status()

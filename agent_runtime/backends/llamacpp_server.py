@@ -47,7 +47,10 @@ def build_params(args: argparse.Namespace):
     params.warmup = False
     params.endpoint_slots = True
     if args.slot_save_path:
-        params.slot_save_path = args.slot_save_path  # /slots/N?action=save|restore
+        # /slots/N?action=save|restore. The server joins this and the file name by plain concatenation
+        # (llama.cpp's own argument parser adds the "/", which setting params directly skips): without
+        # it, slot files landed beside the folder, in $TMPDIR, and outlived every run.
+        params.slot_save_path = args.slot_save_path.rstrip("/") + "/"
     params.endpoint_metrics = True  # /metrics: prompt tokens processed vs cached (bench/teacher_engine.py)
     params.verbosity = 0 if args.quiet else 3
     if args.lora:

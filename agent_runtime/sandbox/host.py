@@ -58,6 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agent_runtime.execution import ErrorKind, ExecResult
 from agent_runtime.sandbox.protocol import FrameBuffer, ProtocolError, encode_frame, write_all
+from common.scratch import scratch_dir
 
 # The paper's list (smolagents' CodeAct defaults plus numpy and sympy) and harmless pure
 # standard modules an LLM commonly reaches for in math and QA code.
@@ -187,7 +188,7 @@ class Sandbox:
         self._isolation: dict[str, str] = {}
         self._jobs: list[tuple[EpisodeState, str]] = []  # the batch `run` is working on
         self._results: list = []
-        self._root = tempfile.mkdtemp(prefix="distillery-sandbox-")
+        self._root = tempfile.mkdtemp(prefix="sandbox-", dir=scratch_dir())  # the run's: gone if it is killed
         os.chmod(self._root, 0o711)  # the action processes run as nobody and must reach their directory
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _shutdown, self._workers, self._root)

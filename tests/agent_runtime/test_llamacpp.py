@@ -19,6 +19,7 @@ from agent_runtime.backends import BackendConfig, make_generator
 from agent_runtime.backends.llamacpp_backend import gguf_path, server_counters
 from agent_runtime.backends.lora_gguf import AdapterError, convert, permute_rows
 from agent_runtime.generation import GenerationError, Request, Sampling
+from common.scratch import scratch_dir
 
 MODEL = "smollm2-135m-instruct"
 
@@ -187,6 +188,12 @@ def test_a_shared_system_message_is_processed_once_for_all_slots(llama):
     # message is processed once (slot 0), then only each question.
     assert processed < 1.3 * full, (processed, full)
     assert llama.share_prefix(requests) is False  # already in every slot
+    # The saved slot is inside the server's folder of the run's scratch (before: beside the slot folder,
+    # 29 MB in $TMPDIR that no run removed).
+    folder = llama.server.log.parent
+    assert sorted(p.name for p in folder.iterdir()) == ["server.log", "slots"]
+    assert [p.suffix for p in (folder / "slots").iterdir()] == [".bin"]
+    assert folder.parent == scratch_dir()
 
 
 @pytest.mark.slow

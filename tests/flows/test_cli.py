@@ -83,7 +83,9 @@ def test_unknown_model_spec_is_one_line_and_exit_2(home):
     assert "Traceback" not in result.stderr
     debug = cli("--debug", "index", "--set", "index.embedder=no-such-embedder", "--set", "index.corpus.limit=3",
                 home=home)
-    assert "Traceback" in debug.stderr
+    # --debug adds the traceback but keeps the exit code of bad input (before: it re-raised, exit 1).
+    assert debug.returncode == 2 and "Traceback" in debug.stderr, debug.stderr
+    assert debug.stderr.strip().splitlines()[-1] == result.stderr.strip()  # the same one line, last
 
 
 def test_artifacts_show_of_a_missing_id_is_a_clear_error(home):

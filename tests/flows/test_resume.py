@@ -15,6 +15,7 @@ import pytest
 from flows_fixtures import SLEEP_ACTION, write_inputs
 
 from agent_runtime.rollout import split_parts
+from common.scratch import SCRATCH_VARIABLE
 from questions.datasets import DatasetConfig, load_dataset
 from storage.catalog import query
 
@@ -198,3 +199,30 @@ def test_sigkill_leaves_no_process_behind(slow_evaluate_config, home, tmp_path):
     process.wait()
     # Before: Prefect's temporary server (uvicorn) stayed alive, orphaned, for as long as anyone looked.
     assert_no_leftovers(tmp_path)
+
+
+# ----------------------------------------------------------------------------- temporary files
+
+def test_a_run_killed_and_rerun_leaves_tmpdir_as_it_found_it(rollout_config, home, tmp_path):
+    """The sandbox's folders (and llama.cpp's slot files and log, not run here) live in the run's scratch
+    folder: gone after a SIGKILL (the reaper sweeps it) and after a finished run (removed at exit)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    (tmp / "someone-elses.txt").write_text("kept")
+    # This test process's own scratch folder (if any) is not handed down: the stage makes its own in `tmp`.
+    env = {**{k: v for k, v in os.environ.items() if k != SCRATCH_VARIABLE}, "TMPDIR": str(tmp)}
+    command = [sys.executable, "-m", "flows.cli", "--home", str(home), "rollout", "--config", str(rollout_config)]
+    pattern = "rollout/*/episodes/part-*.parquet"
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               start_new_session=True)
+    wait_for(home, pattern, process)
+    assert [p.name for p in tmp.glob("distillery-*")]  # the run's scratch, holding the sandbox's folder
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + 30  # the reaper stops the stage's children, then sweeps
+    while len(list(tmp.iterdir())) > 1 and time.time() < deadline:
+        time.sleep(0.5)
+    assert [p.name for p in tmp.iterdir()] == ["someone-elses.txt"]
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert [p.name for p in tmp.iterdir()] == ["someone-elses.txt"]

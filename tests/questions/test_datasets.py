@@ -164,12 +164,20 @@ def test_other_bad_inputs(tmp_path):
     (tmp_path / "fake.parquet").write_text("not parquet")
     with pytest.raises(DatasetError, match=r"fake\.parquet: not a readable Parquet file"):
         load_dataset(DatasetConfig(name="b", source=str(tmp_path / "fake.parquet")))
-    dup = write_jsonl(
-        tmp_path / "dup.jsonl",
-        [{"id": 1, "question": "a", "answer": "1"}, {"id": "1", "question": "b", "answer": "2"}],
-    )
-    with pytest.raises(DatasetError, match="examples 0 and 1 share the id '1'"):
+    # A duplicate id names both places as the user finds them: JSONL file lines (a blank line counted),
+    # entries of the paper layout's "examples" list, Parquet rows.
+    dups = [{"id": 1, "question": "a", "answer": "1"}, {"id": "2", "question": "b", "answer": "2"},
+            {"id": "1", "question": "c", "answer": "3"}]
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(json.dumps(dups[0]) + "\n\n" + "".join(json.dumps(d) + "\n" for d in dups[1:]))
+    with pytest.raises(DatasetError, match=r"dup\.jsonl: lines 1 and 4 share the id '1'$"):
         load_dataset(DatasetConfig(name="b", source=str(dup)))
+    dup_json = write_paper_json(tmp_path / "dup.json", dups)
+    with pytest.raises(DatasetError, match=r'dup\.json: entries 0 and 2 \(counting from 0\) of "examples" share'):
+        load_dataset(DatasetConfig(name="b", source=str(dup_json)))
+    pq.write_table(pa.Table.from_pylist([{**d, "id": str(d["id"])} for d in dups]), tmp_path / "dup.parquet")
+    with pytest.raises(DatasetError, match=r"dup\.parquet: rows 0 and 2 \(counting from 0\) share the id '1'"):
+        load_dataset(DatasetConfig(name="b", source=str(tmp_path / "dup.parquet")))
     unmapped = write_jsonl(tmp_path / "unmapped.jsonl", [{"question": "a", "solution": "1"}])
     with pytest.raises(DatasetError, match="no example has an answer field 'answer'"):
         load_dataset(DatasetConfig(name="b", source=str(unmapped)))
