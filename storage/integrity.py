@@ -14,7 +14,6 @@ its flow) or a catalog opened twice does not pay twice.
 from __future__ import annotations
 
 import hashlib
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -76,6 +75,3 @@ def check_files(folder: Path, recorded: dict[str, dict], hashes: bool = True,
             problems.append(f"{name}: sha256 mismatch")
     return problems
 
-
-def folder_bytes(folder: Path) -> int:
-    return sum(os.path.getsize(p) for p in content_files(folder))
