@@ -69,10 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("sql", help="e.g. \"select * from artifacts\"")
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
 
-    artifacts = commands.add_parser("artifacts", help="list artifacts, show one, or its lineage")
-    artifacts.add_argument("action", nargs="?", choices=("list", "show", "lineage", "export", "import"),
+    artifacts = commands.add_parser("artifacts", help="list artifacts, show one, its lineage, or verify them")
+    artifacts.add_argument("action", nargs="?", choices=("list", "show", "lineage", "export", "import", "verify"),
                            default="list")
-    artifacts.add_argument("id", nargs="?", help="artifact id (a unique prefix is enough); for import: the file")
+    artifacts.add_argument("id", nargs="*", help="artifact id (a unique prefix is enough); for import: the file; "
+                                                 "verify: any number (default: every artifact)")
     artifacts.add_argument("--out", type=Path, help="export: the .tar.gz to write (default: ./<stage>-<id>.tar.gz)")
     artifacts.add_argument("--with-parents", action="store_true",
                            help="export: also carry every ancestor's files (default: only their manifests)")

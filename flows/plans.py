@@ -9,6 +9,7 @@ starting Prefect, and every stage flow plans and builds through these two, so th
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from flows import stages
@@ -89,6 +90,8 @@ def plan_pipeline(store: ArtifactStore, cfg: PipelineConfig, targets: tuple[str,
     Pinned instances (``rollout.artifact``, ``prefixes.artifact``, or ``adapters`` given by the caller, as
     the re-evaluation does) are resolved in the store and never built. An instance is to be built when it
     does not exist and a target needs it: the target itself, or an input of an instance that is to be built.
+    Every needed artifact that exists is verified against its manifest's checksums; a corrupt one is moved
+    aside and so planned to be built (``set_aside_if_corrupt``).
     """
     graph = stage_graph(cfg, adapters)
     wanted = {name for name in graph if stage(name).name in targets}
@@ -102,9 +105,30 @@ def plan_pipeline(store: ArtifactStore, cfg: PipelineConfig, targets: tuple[str,
     to_build: set[str] = set()
     for name in reversed(planned):
         needed = stage(name).name in targets or any(name in planned[s].inputs for s in to_build)
+        set_aside_if_corrupt(store, planned[name], needed)
         if needed and not store.exists(planned[name].ref):
             to_build.add(name)
     return PipelinePlan(store, planned, frozenset(to_build))
+
+
+def set_aside_if_corrupt(store: ArtifactStore, planned: PlannedStage, needed: bool) -> None:
+    """Check an instance's artifact before the plan counts it as built; a corrupt one is moved aside (so it
+    is rebuilt) when the run needs it, and named in a warning line when it does not.
+
+    A needed artifact (a target, or one a build will read) is re-hashed against its manifest (once per
+    process per file); the others get the cheap check (a readable manifest, every file there at its size).
+    """
+    found = store.state(planned.ref.path, hashes=needed)
+    if found.state != "corrupt":
+        return
+    ref, why = planned.ref, "; ".join(found.problems)
+    if not needed:
+        print(f"warning: {ref.stage}/{ref.id} is corrupt ({why}); this run does not need it and leaves it as it is",
+              file=sys.stderr)
+    elif planned.pinned:
+        raise ArtifactError(f"pinned artifact {ref.stage}/{ref.id} is corrupt ({why}); import or build it again")
+    else:
+        store.set_aside(ref, why)
 
 
 def stage_graph(cfg: PipelineConfig, adapters: dict[str, ArtifactRef] | None) -> dict[str, tuple[str, ...]]:

@@ -104,7 +104,7 @@ def build_index(cfg: IndexConfig, out_dir: Path, progress: bool = True) -> dict:
     index = new_faiss_index(cfg.index_type, embedder.dim)
     stats = CorpusStats()
     with _staged(Path(out_dir)) as tmp:
-        with pq.ParquetWriter(tmp[PASSAGES_FILE], PASSAGES, compression="zstd") as writer:
+        with pq.ParquetWriter(tmp[PASSAGES_FILE], PASSAGES, compression="zstd", write_page_checksum=True) as writer:
             index = _embed_into(cfg, embedder, index, iter_passages(cfg.corpus, stats), writer, progress)
         faiss_write(index, tmp[INDEX_FILE])
         meta = _index_meta(embedder, cfg.index_type, index, fingerprint, cfg.corpus, stats, started)
@@ -137,7 +137,7 @@ def import_index(faiss_path: Path, corpus: CorpusConfig, embedder: str, out_dir:
         )
     stats = CorpusStats()
     with _staged(Path(out_dir)) as tmp:
-        with pq.ParquetWriter(tmp[PASSAGES_FILE], PASSAGES, compression="zstd") as writer:
+        with pq.ParquetWriter(tmp[PASSAGES_FILE], PASSAGES, compression="zstd", write_page_checksum=True) as writer:
             for rows in _batched(iter_passages(corpus, stats), ROW_GROUP_ROWS):
                 writer.write_table(pa.Table.from_pylist(rows, PASSAGES))
         if stats.passages != index.ntotal:

@@ -76,7 +76,7 @@ class PassageTable:
 
     def __init__(self, path: Path, cache_row_groups: int = 256):
         self.path = Path(path)
-        self._file = pq.ParquetFile(self.path, memory_map=True)
+        self._file = pq.ParquetFile(self.path, memory_map=True, page_checksum_verification=True)
         missing = set(PASSAGE_COLUMNS) - set(self._file.schema_arrow.names)
         if missing:
             raise ValueError(f"{self.path}: passages table lacks column(s) {sorted(missing)}")

@@ -1,19 +1,25 @@
 """The DuckDB query layer: views over the store's Parquet files.
 
 ``open_catalog(root)`` returns an in-memory DuckDB connection with one view per table in
-``storage.schemas.TABLES`` plus ``artifacts`` (one row per complete artifact). Only artifacts whose
+``storage.schemas.TABLES`` plus ``artifacts`` (one row per artifact folder, with its ``state``: ``complete``,
+``incomplete`` (no manifest yet) or ``corrupt``, and ``problem``). Only the Parquet files of artifacts whose
 manifest exists are visible, so a pipeline can write while anyone queries. Every view exists even when
 no file does (an empty relation with the right columns). Each view has an ``artifact_id`` column (or
 ``artifact_id`` and ``stage`` for passages/losses/sft_examples, taken from the folder).
 
-Corrupt Parquet files are skipped with a warning that names the file (so one bad part does not hide
-everything else); readers of a single artifact (``read_table``) raise instead.
+DuckDB does not check Parquet page checksums, so the catalog re-hashes the Parquet files it puts in a view
+against the manifest (once per process per file, see ``storage.integrity``). A file that fails (or that
+pyarrow cannot read) is skipped with a warning that names it, so one bad part does not hide everything
+else, and its artifact is listed as ``corrupt``; so is one whose manifest is unreadable (one warning line
+each; an incomplete folder is normal while a stage writes, and gets none). Readers of a single artifact
+(``read_table``) raise instead, and verify page checksums.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import duckdb
@@ -21,13 +27,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.files import TMP_MARK
+from storage.integrity import check_files
 from storage.schemas import TABLES, conform
-from storage.store import MANIFEST, ArtifactError, ArtifactStore
+from storage.store import MANIFEST, ArtifactError, ArtifactState, ArtifactStore
 
 ARTIFACT_COLUMNS = pa.schema([
     ("stage", pa.string()), ("id", pa.string()), ("created", pa.string()), ("code_version", pa.string()),
     ("parents", pa.list_(pa.string())), ("config", pa.string()), ("row_counts", pa.string()),
-    ("metrics", pa.string()), ("path", pa.string()),
+    ("metrics", pa.string()), ("path", pa.string()), ("state", pa.string()), ("problem", pa.string()),
 ])
 
 
@@ -55,7 +62,10 @@ def read_table(artifact_dir: Path, table: str) -> pa.Table:
         problem = check_parquet(path)
         if problem:
             raise ArtifactError(f"corrupt Parquet file {path}: {problem}")
-        parts.append(conform(pq.read_table(path), schema))
+        try:
+            parts.append(conform(pq.read_table(path, page_checksum_verification=True), schema))
+        except OSError as exc:  # a page whose CRC does not match: damaged since it was written
+            raise ArtifactError(f"corrupt Parquet file {path}: {exc}") from exc
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
@@ -63,31 +73,52 @@ def open_catalog(root: Path | str, warn=None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the views described in the module docstring."""
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
     store = ArtifactStore(root)
-    manifests = store.list()
+    found, files = [], {table: [] for table in TABLES}
+    for state in store.scan():
+        if state.manifest is not None:
+            state = _add_table_files(state, files)
+        if state.state == "corrupt":
+            left_out = "its damaged Parquet files are skipped" if state.manifest else "it is skipped"
+            warn(f"corrupt artifact {state.stage}/{state.id} ({state.path}): {'; '.join(state.problems)}; {left_out}")
+        found.append(state)
     con = duckdb.connect(":memory:")
-    con.from_arrow(_artifacts_table(store, manifests)).create_view("artifacts")
+    con.from_arrow(_artifacts_table(found)).create_view("artifacts")
     for table, schema in TABLES.items():
-        files = []
-        for manifest in manifests:
-            artifact_dir = store.root / manifest["stage"] / manifest["id"]
-            for path in table_files(artifact_dir, table):
-                problem = check_parquet(path)
-                if problem:
-                    warn(f"skipping corrupt Parquet file {path} ({problem})")
-                else:
-                    files.append((str(path), manifest["stage"], manifest["id"]))
-        _create_view(con, table, schema, files)
+        _create_view(con, table, schema, files[table])
     return con
 
 
-def _artifacts_table(store: ArtifactStore, manifests: list[dict]) -> pa.Table:
-    rows = [{
-        "stage": m["stage"], "id": m["id"], "created": m.get("created"), "code_version": m.get("code_version"),
-        "parents": list(m.get("parents", [])), "config": json.dumps(m.get("config", {}), sort_keys=True),
-        "row_counts": json.dumps(m.get("row_counts", {}), sort_keys=True),
-        "metrics": json.dumps(m.get("metrics", {}), sort_keys=True),
-        "path": str(store.root / m["stage"] / m["id"]),
-    } for m in manifests]
+def _add_table_files(state: ArtifactState, files: dict[str, list]) -> ArtifactState:
+    """Add the artifact's good Parquet files to ``files``; the state with the problems of the bad ones."""
+    recorded, problems = state.manifest.get("files", {}), list(state.problems)
+    for table in TABLES:
+        for path in table_files(state.path, table):
+            name = path.relative_to(state.path).as_posix()
+            mismatch = check_files(state.path, recorded, only=[name])
+            if mismatch:
+                problem = mismatch[0]
+            elif reason := check_parquet(path):  # e.g. an artifact written before checksums were recorded
+                problem = f"{name}: {reason}"
+            else:
+                files[table].append((str(path), state.stage, state.id))
+                continue
+            if problem not in problems:
+                problems.append(problem)
+    return replace(state, state="corrupt" if problems else "complete", problems=tuple(problems))
+
+
+def _artifacts_table(found: list[ArtifactState]) -> pa.Table:
+    rows = []
+    for s in sorted(found, key=lambda s: ((s.manifest or {}).get("created", ""), s.stage, s.id)):
+        m = s.manifest or {}
+        rows.append({
+            "stage": s.stage, "id": s.id, "created": m.get("created"), "code_version": m.get("code_version"),
+            "parents": list(m.get("parents", [])) if m else None,
+            "config": json.dumps(m["config"], sort_keys=True) if "config" in m else None,
+            "row_counts": json.dumps(m["row_counts"], sort_keys=True) if "row_counts" in m else None,
+            "metrics": json.dumps(m["metrics"], sort_keys=True) if "metrics" in m else None,
+            "path": str(s.path), "state": s.state, "problem": "; ".join(s.problems) if s.problems else None,
+        })
     return pa.Table.from_pylist(rows, schema=ARTIFACT_COLUMNS)
 
 

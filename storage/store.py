@@ -6,6 +6,12 @@ hashes of (stage, config, parent ids, code version), so the same inputs give the
 finished stage is found instead of re-run. Every file is written atomically (temporary name in the
 same folder, then ``os.replace``), and parts have deterministic names, so a retried writer replaces
 its own file instead of adding a duplicate.
+
+The manifest records the SHA-256 and size of every file (``storage.integrity``). A folder is in one of
+three states: ``complete`` (a readable manifest), ``incomplete`` (no manifest yet: being written, or its
+writer died) or ``corrupt`` (an unreadable manifest, or files that no longer match it). A corrupt artifact
+does not exist for ``exists``, is named by ``scan``, and is moved aside (``set_aside``) before its stage
+rebuilds it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -23,9 +31,9 @@ import pyarrow.parquet as pq
 
 from common.errors import UserError
 from common.files import atomic_file, atomic_write_json, clean_stale_temp
+from storage.integrity import MANIFEST, check_files, file_checksums
 from storage.schemas import conform
 
-MANIFEST = "manifest.json"
 PACKAGES = ("agent_runtime", "devices", "models", "questions", "retrieval", "storage", "training", "evaluation",
             "tasks", "flows", "services", "common")
 """The project's packages: the code version of an artifact whose stage names no narrower set (a re-grade)."""
@@ -74,7 +82,8 @@ def atomic_write_table(path: Path, table: pa.Table, schema: pa.Schema | None = N
     if schema is not None:
         table = conform(table, schema)
     with atomic_file(path) as tmp:
-        pq.write_table(table, tmp)
+        # Page checksums let pyarrow readers (page_checksum_verification=True) catch a damaged page.
+        pq.write_table(table, tmp, write_page_checksum=True)
 
 
 def part_name(index: int) -> str:
@@ -105,6 +114,44 @@ class StagePlan:
     code: str = ""  # the code version in the id (``code_version`` of the stage's packages)
 
 
+ARTIFACT_ID = re.compile(r"[0-9a-f]{16}")
+"""An artifact folder's name (``artifact_id``); other folders under a stage (set aside, temporary) are not."""
+
+
+@dataclass(frozen=True)
+class ArtifactState:
+    """An artifact folder as found on disk: ``complete``, ``incomplete`` or ``corrupt`` (and why).
+
+    ``manifest`` is None unless it could be read; ``problems`` are ``<file>: <what>`` lines.
+    """
+
+    stage: str
+    id: str
+    path: Path
+    state: str
+    manifest: dict | None = None
+    problems: tuple[str, ...] = ()
+
+    @property
+    def checksummed(self) -> bool:
+        """False for an artifact written before manifests recorded checksums: readable, but unverified."""
+        return self.manifest is not None and "files" in self.manifest
+
+
+def read_manifest(folder: Path) -> tuple[dict | None, str | None]:
+    """``(manifest, None)``, or ``(None, why not)``: no manifest, unreadable, or naming another artifact."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None, "no manifest"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"{MANIFEST}: unreadable ({exc})"
+    if not isinstance(manifest, dict) or manifest.get("id") != folder.name:
+        return None, f"{MANIFEST}: does not name this artifact ({folder.name})"
+    return manifest, None
+
+
 @dataclass
 class Artifact:
     """An artifact being written. ``finish`` writes the manifest, which makes it visible."""
@@ -132,7 +179,7 @@ class Artifact:
         manifest = {
             "stage": self.ref.stage, "id": self.ref.id, "config": self.config, "parents": self.parents,
             "code_version": self.code, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "row_counts": self.row_counts, "metrics": self.metrics,
+            "row_counts": self.row_counts, "metrics": self.metrics, "files": file_checksums(self.path),
         }
         atomic_write_json(self.path / MANIFEST, manifest)
         return self.ref
@@ -149,7 +196,8 @@ class ArtifactStore:
 
 
     def exists(self, ref: ArtifactRef) -> bool:
-        return (ref.path / MANIFEST).is_file()
+        """Whether ``ref`` is built: its manifest is there and readable (a corrupt one is not built)."""
+        return read_manifest(ref.path)[0] is not None
 
     def plan_stage(self, stage: str, config: dict, parents: list[str] = (), code: str | None = None) -> StagePlan:
         """The artifact these inputs name (whether or not it exists yet); ``code`` defaults to every package's."""
@@ -163,6 +211,9 @@ class ArtifactStore:
 
     def open(self, plan: StagePlan) -> Artifact:
         """Start (or resume) writing a planned artifact; finished parts in its folder are kept."""
+        found = self.state(plan.ref.path)
+        if found.state == "corrupt":  # its files are not to be kept as finished parts
+            self.set_aside(plan.ref, "; ".join(found.problems))
         plan.ref.path.mkdir(parents=True, exist_ok=True)
         clean_stale_temp(plan.ref.path)
         return Artifact(plan.ref, plan.config, list(plan.parents), plan.code or code_version())
@@ -170,17 +221,16 @@ class ArtifactStore:
     def manifest(self, id_or_ref: str | ArtifactRef) -> dict:
         """The manifest of a complete artifact, by id (any stage) or reference."""
         path = self.find(id_or_ref) if isinstance(id_or_ref, str) else id_or_ref.path
-        manifest = path / MANIFEST
-        if not manifest.is_file():
+        manifest, problem = read_manifest(path)
+        if manifest is None and problem == "no manifest":
             raise ArtifactError(f"artifact {path.name} in {path.parent} is incomplete (no {MANIFEST})")
-        try:
-            return json.loads(manifest.read_text())
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{manifest}: not valid JSON ({exc})") from exc
+        if manifest is None:
+            raise ArtifactError(f"artifact {path.parent.name}/{path.name} is corrupt: {problem}")
+        return manifest
 
     def find(self, id_: str) -> Path:
         """The folder of the complete artifact whose id is ``id_`` (a unique prefix is enough)."""
-        matches = [p for p in self.root.glob(f"*/{id_}*") if (p / MANIFEST).is_file()]
+        matches = [p for p in self.root.glob(f"*/{id_}*") if ARTIFACT_ID.fullmatch(p.name) and (p / MANIFEST).is_file()]
         if not matches:
             raise ArtifactError(f"no complete artifact with id {id_!r} under {self.root}")
         if len(matches) > 1:
@@ -192,15 +242,35 @@ class ArtifactStore:
         return self.ref(path.parent.name, path.name)
 
     def list(self, stage: str | None = None) -> list[dict]:
-        """Manifests of all complete artifacts (of one stage), oldest first."""
-        pattern = f"{stage}/*/{MANIFEST}" if stage else f"*/*/{MANIFEST}"
-        manifests = []
-        for path in self.root.glob(pattern):
-            try:
-                manifests.append(json.loads(path.read_text()))
-            except (OSError, json.JSONDecodeError):
-                continue  # a manifest is written atomically; an unreadable one is not ours to guess
+        """Manifests of all complete artifacts (of one stage), oldest first; ``scan`` names the others."""
+        manifests = [s.manifest for s in self.scan(stage) if s.state == "complete"]
         return sorted(manifests, key=lambda m: (m.get("created", ""), m.get("id", "")))
+
+    def scan(self, stage: str | None = None, hashes: bool = False) -> list[ArtifactState]:
+        """Every artifact folder (of one stage) and its state, by stage and id.
+
+        Files are checked for presence and size; ``hashes=True`` also re-hashes them (``verify``).
+        """
+        folders = self.root.glob(f"{stage}/*" if stage else "*/*")
+        return [self.state(p, hashes) for p in sorted(folders) if p.is_dir() and ARTIFACT_ID.fullmatch(p.name)]
+
+    def state(self, folder: Path, hashes: bool = False, only: list[str] | None = None) -> ArtifactState:
+        """The state of the artifact folder ``folder`` (see ``scan``; ``only``: check just these files)."""
+        manifest, problem = read_manifest(folder)
+        if manifest is None:
+            state = "incomplete" if problem == "no manifest" else "corrupt"
+            return ArtifactState(folder.parent.name, folder.name, folder, state, None, (problem,))
+        problems = tuple(check_files(folder, manifest.get("files", {}), hashes, only))
+        return ArtifactState(folder.parent.name, folder.name, folder, "corrupt" if problems else "complete",
+                             manifest, problems)
+
+    def set_aside(self, ref: ArtifactRef, why: str) -> Path:
+        """Move a corrupt artifact's folder to ``<stage>/<id>.corrupt-<time>/`` (kept for inspection, never
+        read), so its stage can rebuild it in a fresh folder; prints one warning line naming it."""
+        aside = ref.path.with_name(f"{ref.id}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        os.replace(ref.path, aside)
+        print(f"warning: {ref.stage}/{ref.id} is corrupt ({why}); moved to {aside}; rebuilding it", file=sys.stderr)
+        return aside
 
     def lineage(self, id_: str) -> list[dict]:
         """The artifact and all its ancestors, nearest first."""

@@ -8,21 +8,26 @@ still known from ``export.json``; stages that start from an imported artifact na
 
 Import checks every member before writing anything (only ``<stage>/<id>/…`` paths, regular files and
 folders, a manifest whose id is its folder name), extracts each artifact into a temporary folder in
-the target home and renames it into place, so an interrupted import leaves no half artifact. An
-artifact already in the home is kept (same manifest: skipped; different manifest: an error).
+the target home, checks its files against the SHA-256 and sizes its manifest records (a manifest written
+before checksums were recorded has none: imported unverified) and renames it into place, so an interrupted
+or damaged import leaves no half artifact. A damaged archive (gzip's CRC) is refused before anything is
+written. An artifact already in the home is kept (same manifest: skipped; different manifest: an error).
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
 import shutil
 import tarfile
 import time
+import zlib
 from pathlib import Path, PurePosixPath
 
 from common.files import TMP_MARK, atomic_write_json
+from storage.integrity import check_files
 from storage.store import MANIFEST, ArtifactError, ArtifactStore
 
 EXPORT_INFO = "export.json"
@@ -35,6 +40,10 @@ def export_artifact(store: ArtifactStore, id_: str, out: Path, with_parents: boo
     """Write ``out`` (.tar.gz) with artifact ``id_`` (and its ancestors' folders if ``with_parents``)."""
     lineage = store.lineage(id_)
     carried = lineage if with_parents else lineage[:1]
+    for manifest in carried:  # a damaged artifact is not to travel (nor to be blessed by a new home)
+        found = store.state(store.root / manifest["stage"] / manifest["id"], hashes=True)
+        if found.state == "corrupt":
+            raise ArtifactError(f"{found.stage}/{found.id} is corrupt ({'; '.join(found.problems)}); not exported")
     info = {"format": FORMAT, "artifact": lineage[0]["id"], "stage": lineage[0]["stage"],
             "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "artifacts": [f"{m['stage']}/{m['id']}" for m in carried], "lineage": lineage}
@@ -85,13 +94,22 @@ def _checked_members(tar: tarfile.TarFile, source: Path) -> tuple[dict, dict[str
 
 def import_archive(store: ArtifactStore, source: Path) -> list[tuple[str, str]]:
     """Import every artifact of ``source`` into ``store``; ``[(stage/id, 'imported' | 'already present')]``."""
+    try:  # read the whole gzip stream first: its CRC is checked only at its end, and tarfile may stop earlier
+        with gzip.open(source) as stream:
+            while stream.read(2**20):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ArtifactError(f"{source}: not a readable .tar.gz export, or a damaged one ({exc}); nothing imported") from exc
     try:
         tar = tarfile.open(source, "r:gz")  # noqa: SIM115 -- closed by the `with` below, after the check
     except (OSError, tarfile.TarError) as exc:
         raise ArtifactError(f"{source}: not a readable .tar.gz export ({exc})") from exc
     results = []
     with tar:
-        _, groups = _checked_members(tar, source)
+        try:  # reads the archive to its end, so gzip checks its CRC before anything is written
+            _, groups = _checked_members(tar, source)
+        except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
+            raise ArtifactError(f"{source}: damaged archive ({exc}); nothing imported") from exc
         for key, members in sorted(groups.items()):
             manifest = json.load(tar.extractfile(f"{key}/{MANIFEST}"))
             stage, id_ = key.split("/")
@@ -117,6 +135,10 @@ def import_archive(store: ArtifactStore, source: Path) -> list[tuple[str, str]]:
                     destination.parent.mkdir(parents=True, exist_ok=True)
                     with tar.extractfile(member) as src, destination.open("wb") as dst:
                         shutil.copyfileobj(src, dst)
+                problems = check_files(staging, manifest.get("files", {}))
+                if problems:  # damaged after its manifest was written, or in transit
+                    raise ArtifactError(f"{source}: {key} does not match its manifest ({'; '.join(problems)}); "
+                                        "not imported")
                 if key.split("/")[0] != stage:  # an export of an older version: its stage renamed
                     atomic_write_json(staging / MANIFEST, manifest)
                 if target.exists():  # an incomplete folder (no manifest) of a writer that died

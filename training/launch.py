@@ -62,7 +62,7 @@ def read_examples(path: Path) -> list[list[dict]]:
     """The chat examples of a Parquet file with a ``messages_json`` column, in row order."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path, columns=["messages_json"])
+    table = pq.read_table(path, columns=["messages_json"], page_checksum_verification=True)
     examples = []
     for row, text in enumerate(table.column("messages_json").to_pylist()):
         try:

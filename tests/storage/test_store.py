@@ -1,5 +1,6 @@
 """The artifact store: ids, manifests last, atomic parts, crash safety, concurrency, lineage."""
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -31,12 +32,16 @@ def test_manifest_is_written_last_and_makes_the_artifact_visible(home):
     art.write_table("episodes", episode_rows(["q1", "q2"]), EPISODES, part=0)
     assert not store.exists(art.ref)
     assert query(home, "select count(*) from episodes")[1] == [(0,)]
-    assert query(home, "select count(*) from artifacts")[1] == [(0,)]
+    assert query(home, "select id, state, created from artifacts")[1] == [(art.ref.id, "incomplete", None)]
     art.finish({"episodes": 2}, {"accuracy": 1.0})
     manifest = json.loads((art.path / MANIFEST).read_text())
     assert manifest["stage"] == "rollout" and manifest["id"] == art.ref.id
     assert manifest["parents"] == ["parent0"] and manifest["row_counts"] == {"episodes": 2}
     assert manifest["config"] == {"n": 2} and manifest["code_version"] and manifest["created"]
+    part = art.path / "episodes" / "part-00000.parquet"
+    assert manifest["files"] == {"episodes/part-00000.parquet": {
+        "sha256": hashlib.sha256(part.read_bytes()).hexdigest(), "bytes": part.stat().st_size}}
+    assert query(home, "select state, problem from artifacts")[1] == [("complete", None)]
     assert query(home, "select question_id, stage, artifact_id from episodes order by 1")[1] == [
         ("q1", "rollout", art.ref.id), ("q2", "rollout", art.ref.id)]
 
@@ -89,7 +94,7 @@ def test_writer_killed_mid_write_leaves_nothing_visible_and_next_write_succeeds(
     assert not (folder / MANIFEST).exists()
     assert any(".tmp-" in p.name for p in (folder / "episodes").iterdir())  # the torn temp file is there
     assert query(home, "select count(*) from episodes")[1] == [(0,)]
-    assert query(home, "select count(*) from artifacts")[1] == [(0,)]
+    assert query(home, "select state from artifacts")[1] == [("incomplete",)]
     # The next writer resumes the same artifact: the stale temp file is cleaned, part 0 is kept.
     art = store.begin("rollout", {"crash": True})
     assert not any(".tmp-" in p.name for p in (folder / "episodes").iterdir())
@@ -130,11 +135,14 @@ def test_truncated_parquet_is_skipped_with_a_warning_naming_it(home):
     good = art.write_table("episodes", episode_rows(["q1"]), EPISODES, part=0)
     bad = art.write_table("episodes", episode_rows(["q2"]), EPISODES, part=1)
     art.finish()
-    bad.write_bytes(bad.read_bytes()[:50])  # truncate
+    bad_bytes = bad.read_bytes()
+    bad.write_bytes(bad_bytes[:50])  # truncate
     warnings = []
     con = open_catalog(home, warn=warnings.append)
     assert con.execute("select question_id from episodes").fetchall() == [("q1",)]
-    assert len(warnings) == 1 and str(bad) in warnings[0]
+    assert warnings == [(f"corrupt artifact rollout/{art.ref.id} ({art.path}): episodes/part-00001.parquet: size 50 "
+                        f"bytes, the manifest says {len(bad_bytes)}; its damaged Parquet files are skipped")]
+    assert con.execute("select state from artifacts").fetchall() == [("corrupt",)]
     with pytest.raises(ArtifactError, match=str(bad)):
         read_table(art.path, "episodes")
     assert good.exists()
