@@ -70,7 +70,7 @@ def assert_before_any_flow(result):
 def assert_untouched(home, index_ids):
     assert query(home, "select id from artifacts where stage = 'index'")[1] == index_ids
     assert query(home, "select count(*) from passages")[1] == [(4,)]
-    assert query(home, "select count(*) from artifacts where stage = 'rollout'")[1] == [(0,)]
+    assert query(home, "select count(*) from artifacts where stage = 'rollout' and state = 'complete'")[1] == [(0,)]
 
 
 def test_dataset_that_is_not_json_names_file_and_line(tmp_path, home, built_index):
