@@ -65,7 +65,8 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
     table = Table(*columns, show_lines=False)
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
-    console = Console(file=io.StringIO(), width=200, no_color=True)
+    # width and height both given: rich then ignores TERM=dumb (80 columns) and COLUMNS
+    console = Console(file=io.StringIO(), width=200, height=50, no_color=True)
     console.print(table)
     console.print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
     return console.file.getvalue()

@@ -53,7 +53,7 @@ def list_models(specs: list[str], output: str = "table") -> int:
     table = Table(*COLUMNS)
     for row in rows:
         table.add_row(*row)
-    Console(width=200).print(table)
+    Console(width=200, height=50).print(table)  # both: TERM=dumb would force 80 columns
     return 0
 
 

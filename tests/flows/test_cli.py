@@ -31,10 +31,14 @@ def test_help_lists_every_command_quickly():
     assert COMMANDS <= set(choices)
 
 
-def test_query_on_an_empty_home_prints_an_empty_artifacts_table(home, capsys):
+@pytest.mark.parametrize("term", [{}, {"TERM": "dumb", "TTY_COMPATIBLE": "1", "COLUMNS": "60"}])
+def test_query_on_an_empty_home_prints_an_empty_artifacts_table(home, capsys, monkeypatch, term):
+    for name, value in term.items():  # a CI runner's terminal: rich would otherwise draw 80 (or 60) columns
+        monkeypatch.setenv(name, value)
     assert main(["--home", str(home), "query", "select * from artifacts"]) == 0
     out = capsys.readouterr().out
     assert "stage" in out and "id" in out and "(0 rows)" in out
+    assert "problem" in out and "…" not in out  # every column header whole
 
 
 @pytest.mark.parametrize("fmt, expected", [("csv", "n\n3\n"), ("json", '{"n": 3}\n')])
