@@ -39,8 +39,9 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="label in tables and plots, e.g. 'agent+sag (agent-distilled)'")
-    model: Literal["student", "teacher", "agent_student", "cot_student"] = Field(
-        "student", description="which model: base student, teacher, or a distilled student (its adapter)")
+    model: Literal["student", "teacher", "agent_student", "cot_student", "opd_student"] = Field(
+        "student", description="which model: base student, teacher, or a distilled student (its adapter; "
+                               "opd_student: the agent-distilled student after on-policy distillation)")
     mode: Literal["cot", "agent"] = Field("agent", description="CoT prompting or the CodeAct agent")
     prompt: Literal["teacher", "student"] = Field(
         "student", description="agent system prompt: full (tools + few-shot examples) or short")
@@ -92,8 +93,8 @@ class EvalConfig(BaseModel):
         return self.model_copy(update={"methods": tuple(m for m in self.methods if m.name in names)})
 
     def distilled_models(self) -> set[str]:
-        """The trained students (``agent_student``, ``cot_student``) some method evaluates."""
-        return {m.model for m in self.methods} & {"agent_student", "cot_student"}
+        """The trained students (``agent_student``, ``cot_student``, ``opd_student``) some method evaluates."""
+        return {m.model for m in self.methods} & {"agent_student", "cot_student", "opd_student"}
 
 
 def agent_config_for(method: MethodConfig, cfg: EvalConfig) -> AgentConfig:

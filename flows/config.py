@@ -18,6 +18,7 @@ from questions.datasets import with_limit
 from retrieval.index import IndexConfig
 from tasks.resources import SearchConfig
 from training.data import SftDataConfig
+from training.opd import OpdConfig
 from training.sft import TrainConfig
 
 
@@ -45,6 +46,7 @@ class PipelineConfig(BaseModel):
     sft: SftDataConfig = Field(SftDataConfig(), description="which trajectories become training examples")
     train: TrainConfig = Field(TrainConfig(), description="LoRA SFT of the agent-distilled student")
     cot_student: CotStudentConfig = Field(CotStudentConfig(), description="the CoT-distilled baseline student")
+    opd: OpdConfig = Field(OpdConfig(), description="on-policy distillation of the agent-distilled student")
     evaluate: EvalConfig = Field(EvalConfig(), description="held-out evaluation of baselines and students")
     reevaluate: ReevalConfig = Field(ReevalConfig(), description="the scheduled re-evaluation deployment")
 
@@ -59,6 +61,17 @@ class PipelineConfig(BaseModel):
     def rollout_datasets(self) -> tuple:
         """The training questions the teacher answers (the prefixes and rollout stages), limits applied."""
         return tuple(with_limit(d, self.rollout.limit) for d in self.rollout.datasets)
+
+    def opd_scorer(self) -> BackendConfig:
+        """The backend that scores the student's tokens: ``opd.scorer``, else the teacher's model on transformers."""
+        if self.opd.scorer is not None:
+            return self.opd.scorer
+        return BackendConfig(kind="transformers", model=self.teacher.model, dtype=self.teacher.dtype,
+                             device=self.teacher.device)
+
+    def opd_datasets(self) -> tuple:
+        """The questions the student answers in on-policy distillation (default: the rollout's), limits applied."""
+        return tuple(with_limit(d, self.opd.limit) for d in (self.opd.datasets or self.rollout.datasets))
 
     @model_validator(mode="after")
     def _one_student(self) -> PipelineConfig:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from flows import stages
 from flows.config import PipelineConfig
 from flows.stages import PIPELINE, StageOptions, stage
-from storage.store import ArtifactError, ArtifactRef, ArtifactStore, StagePlan, code_version
+from storage.store import ArtifactError, ArtifactRef, ArtifactStore, StagePlan, code_version, student_adapters
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ class PipelinePlan:
         return {name: s.ref for name, s in self.stages.items() if name.partition("/")[0] == stage_name}
 
     def adapters(self) -> dict[str, ArtifactRef]:
-        """The students' adapters of the plan, by kind (``agent``, ``cot``)."""
-        return {name.partition("/")[2]: ref for name, ref in self.of("train").items()}
+        """The students' adapters of the plan, by kind (``agent``, ``cot``, and ``opd``: its last iteration)."""
+        return student_adapters({name: s.ref for name, s in self.stages.items()})
 
     def results(self) -> dict[str, ArtifactRef]:
         """What the pipeline returns: ``adapter_<kind>`` for each student, and ``evaluation``."""
@@ -135,8 +135,11 @@ def stage_graph(cfg: PipelineConfig, adapters: dict[str, ArtifactRef] | None) ->
     """Every stage instance the config can build and the instances it reads, upstream first."""
     graph: dict[str, tuple[str, ...]] = {}
     for entry in stages.STAGES:
-        if adapters is not None and entry.name in ("sft", "train"):  # given by the caller: nothing to train
-            graph |= {f"train/{kind}": () for kind in adapters} if entry.name == "train" else {}
+        if adapters is not None and entry.name in ("sft", "train", "opd"):  # given by the caller: nothing to train
+            if entry.name == "train":
+                graph |= {f"train/{kind}": () for kind in adapters if kind != "opd"}
+            if entry.name == "opd" and "opd" in adapters:
+                graph[f"opd/{cfg.opd.iterations}"] = ()
             continue
         for name in entry.instances(cfg):
             kind = name.partition("/")[2]
@@ -154,6 +157,8 @@ def plan_stage(store: ArtifactStore, cfg: PipelineConfig, name: str, inputs: tup
         return PlannedStage(name, pinned(store, entry.pinned(cfg), entry.name))
     if entry.name == "train" and kind in adapters:
         return PlannedStage(name, adapters[kind])
+    if entry.name == "opd" and "opd" in adapters:
+        return PlannedStage(name, adapters["opd"])
     refs = {parent: planned[parent].ref for parent in inputs}
     plan = store.plan_stage(entry.name, entry.identity(cfg, kind, refs), [ref.id for ref in refs.values()],
                             code=code_version(entry.code))

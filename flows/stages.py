@@ -1,6 +1,7 @@
 """The stages of the pipeline, stated once.
 
     index ──► prefixes (optional FTP) ──► rollout ──► sft ──► train ──► evaluate
+                                                              └──► opd/1 ──► … ──► opd/K ──┘ (on-policy)
 
 A stage has one name: its CLI command (``distillery rollout``), its Prefect flow and task, its artifact
 folder (``<home>/rollout/<id>/``), its builder module (``tasks/rollout.py``) and its section in the docs.
@@ -14,7 +15,9 @@ Adding a stage: one ``Stage`` here and its builder ``tasks/<name>.py::build``, a
 function running tasks) with the signature of ``Builder``; its domain code lives in a plain package.
 
 The student stages (``sft``, ``train``) are planned once per student kind: ``train/agent`` (trained on the
-teacher's agent trajectories) and ``train/cot`` (on its CoT solutions, when ``cot_student.enabled``).
+teacher's agent trajectories) and ``train/cot`` (on its CoT solutions, when ``cot_student.enabled``). The
+``opd`` stage is planned once per iteration (``opd/1`` … ``opd/K``), each reading the adapter before it; it is
+built when an evaluation method runs the ``opd_student`` or when ``distillery opd`` asks for it.
 Nothing here imports Prefect, so ``distillery --help`` stays instant.
 """
 
@@ -30,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows import checks
 from questions.datasets import dataset_fingerprint, with_limit
 from retrieval.corpus import corpus_fingerprint
-from storage.store import PACKAGES, ArtifactRef
+from storage.store import PACKAGES, ArtifactRef, student_adapters
 
 if TYPE_CHECKING:  # the config imports torch (through training); the CLI imports this module for --help
     from flows.config import PipelineConfig
@@ -88,7 +91,18 @@ def rollout_inputs(cfg: PipelineConfig, kind: str) -> tuple[str, ...]:
 def evaluate_inputs(cfg: PipelineConfig, kind: str) -> tuple[str, ...]:
     """The index, and the trained students the evaluation's methods run."""
     kinds = sorted({model.removesuffix("_student") for model in cfg.evaluate.distilled_models()})
-    return ("index", *(f"train/{k}" for k in kinds))
+    return ("index", *(f"opd/{cfg.opd.iterations}" if k == "opd" else f"train/{k}" for k in kinds))
+
+
+def opd_inputs(cfg: PipelineConfig, kind: str) -> tuple[str, ...]:
+    """Iteration k reads the index and the adapter of iteration k - 1 (the agent-distilled one for k = 1)."""
+    return ("index", "train/agent" if kind == "1" else f"opd/{int(kind) - 1}")
+
+
+def opd_check(cfg: PipelineConfig, kind: str) -> None:
+    checks.check_backend(cfg.student)
+    checks.check_backend(cfg.opd_scorer())
+    checks.check_datasets(cfg.opd_datasets(), None)
 
 
 def teacher_inputs_check(cfg: PipelineConfig, kind: str) -> None:
@@ -144,6 +158,19 @@ STAGES: tuple[Stage, ...] = (
         kinds=lambda cfg: cfg.student_kinds(),
     ),
     Stage(
+        "opd", "on-policy distillation: the student learns on its own episodes from the teacher's token log-probs",
+        code=("agent_runtime", "common", "devices", "evaluation", "questions", "retrieval", "services", "storage",
+              "training"),
+        inputs=opd_inputs,
+        identity=lambda cfg, kind, inputs: {
+            "opd": cfg.opd.identity(), "iteration": int(kind), "student": cfg.student.model_dump(mode="json"),
+            "scorer": cfg.opd_scorer().model_dump(mode="json"), "sandbox": cfg.sandbox.model_dump(mode="json"),
+            "search": cfg.search.model_dump(mode="json"),
+            "datasets": [dataset_fingerprint(d) for d in cfg.opd_datasets()]},
+        check=opd_check,
+        kinds=lambda cfg: tuple(str(k) for k in range(1, cfg.opd.iterations + 1)),
+    ),
+    Stage(
         "evaluate", "evaluate baselines and students, sharded; write metrics and a report",
         code=PACKAGES,
         inputs=evaluate_inputs,
@@ -152,7 +179,7 @@ STAGES: tuple[Stage, ...] = (
             "teacher": cfg.teacher.model_dump(mode="json"), "sandbox": cfg.sandbox.model_dump(mode="json"),
             "search": cfg.search.model_dump(mode="json"),
             "datasets": [dataset_fingerprint(with_limit(d, cfg.evaluate.limit)) for d in cfg.evaluate.datasets],
-            "adapters": {name.partition("/")[2]: ref.id for name, ref in sorted(inputs.items()) if name != "index"}},
+            "adapters": {kind: ref.id for kind, ref in sorted(student_adapters(inputs).items())}},
         check=lambda cfg, kind: checks.check_evaluate_inputs(cfg.evaluate, cfg.teacher, cfg.student),
     ),
 )

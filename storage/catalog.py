@@ -1,7 +1,8 @@
 """The DuckDB query layer: views over the store's Parquet files.
 
 ``open_catalog(root)`` returns an in-memory DuckDB connection with one view per table in
-``storage.schemas.TABLES`` plus ``artifacts`` (one row per artifact folder, with its ``state``: ``complete``,
+``storage.schemas.TABLES``, ``token_kl`` (the opd stage's reverse KL per iteration, dataset, step and segment)
+and ``artifacts`` (one row per artifact folder, with its ``state``: ``complete``,
 ``incomplete`` (no manifest yet) or ``corrupt``, and ``problem``). Only the Parquet files of artifacts whose
 manifest exists are visible, so a pipeline can write while anyone queries. Every view exists even when
 no file does (an empty relation with the right columns). Each view has an ``artifact_id`` column (or
@@ -85,7 +86,19 @@ def open_catalog(root: Path | str, warn=None) -> duckdb.DuckDBPyConnection:
     con.from_arrow(_artifacts_table(found)).create_view("artifacts")
     for table, schema in TABLES.items():
         _create_view(con, table, schema, files[table])
+    con.execute(TOKEN_KL)
     return con
+
+
+# The opd stage's reverse KL of the student to the teacher on the student's own tokens (k1 estimate: the mean
+# of log π_student − log π_teacher), per iteration artifact, dataset, agent step and segment.
+TOKEN_KL = """
+create view token_kl as
+select artifact_id, iteration, dataset, step, segment, count(*) as tokens,
+       avg(student_logprob - teacher_logprob) as kl,
+       avg(student_logprob) as student_logprob, avg(teacher_logprob) as teacher_logprob
+from opd_tokens group by all
+"""
 
 
 def _add_table_files(state: ArtifactState, files: dict[str, list]) -> ArtifactState:

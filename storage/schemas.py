@@ -127,6 +127,37 @@ COT_SOLUTIONS = pa.schema([
     ("latency_s", pa.float64()),
 ])
 
+# The opd stage: each iteration's student episodes and steps (the rollout's columns plus the iteration), every
+# token the student generated with its log-prob under the teacher and under the sampling student, and the
+# update's steps.
+OPD_EPISODES = pa.schema([*EPISODES, ("iteration", pa.int32())])
+OPD_STEPS = pa.schema([*STEPS, ("iteration", pa.int32())])
+
+OPD_TOKENS = pa.schema([
+    ("artifact_id", pa.string()),
+    ("iteration", pa.int32()),
+    ("dataset", pa.string()),
+    ("question_id", pa.string()),
+    ("sample_index", pa.int32()),
+    ("step", pa.int32()),               # the agent step (assistant turn) the token belongs to
+    ("segment", pa.string()),           # "thought" | "code" | "final" (the finalising action)
+    ("position", pa.int32()),           # the token's index within its assistant turn
+    ("token_id", pa.int32()),
+    ("teacher_logprob", pa.float32()),  # log π_teacher(token | the student's context)
+    ("student_logprob", pa.float32()),  # log π_student(token | context) under the adapter that sampled it
+])
+
+OPD_LOSSES = pa.schema([
+    ("iteration", pa.int32()),
+    ("step", pa.int64()),
+    ("loss", pa.float64()),
+    ("kl", pa.float64()),               # mean k1 reverse-KL estimate (log π_old − log π_T) on the step's tokens
+    ("tokens", pa.int64()),
+    ("clipped", pa.int64()),            # tokens whose advantage was clipped to ±kl_clip
+    ("episodes", pa.int64()),
+    ("step_time_s", pa.float64()),
+])
+
 # Table name -> schema; the DuckDB catalog creates one view per entry.
 TABLES: dict[str, pa.Schema] = {
     "passages": PASSAGES,
@@ -137,6 +168,10 @@ TABLES: dict[str, pa.Schema] = {
     "losses": LOSSES,
     "sft_examples": SFT_EXAMPLES,
     "cot_solutions": COT_SOLUTIONS,
+    "opd_episodes": OPD_EPISODES,
+    "opd_steps": OPD_STEPS,
+    "opd_tokens": OPD_TOKENS,
+    "opd_losses": OPD_LOSSES,
 }
 
 

@@ -86,6 +86,12 @@ def atomic_write_table(path: Path, table: pa.Table, schema: pa.Schema | None = N
         pq.write_table(table, tmp, write_page_checksum=True)
 
 
+def student_adapters(inputs: dict[str, ArtifactRef]) -> dict[str, ArtifactRef]:
+    """The trained students among a stage's inputs by kind: ``train/agent`` → ``agent``, ``opd/K`` → ``opd``."""
+    return {("opd" if name.startswith("opd/") else name.partition("/")[2]): ref
+            for name, ref in inputs.items() if name.startswith(("train/", "opd/"))}
+
+
 def part_name(index: int) -> str:
     """Deterministic part file name, so a retried part replaces itself."""
     return f"part-{index:05d}.parquet"

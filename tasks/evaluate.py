@@ -29,7 +29,7 @@ from common.errors import UserError
 from models.files import check_adapter
 from storage.catalog import read_table
 from storage.schemas import METRICS
-from storage.store import ArtifactError, ArtifactRef, StagePlan
+from storage.store import ArtifactError, ArtifactRef, StagePlan, student_adapters
 from tasks.artifacts import build_artifact, in_prefect_run
 from tasks.resources import open_generators
 from tasks.retries import TRANSIENT_RETRIES
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 def build(plan: StagePlan, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], kind: str,
           options: StageOptions) -> ArtifactRef:
     """Run the shards whose predictions are missing, then the report task (which writes the manifest)."""
-    students = {name.partition("/")[2]: ref for name, ref in inputs.items() if name != "index"}
+    students = student_adapters(inputs)
     for ref in students.values():
         check_adapter(ref.path / "adapter")
     jobs = shard_jobs(cfg, plan.ref, inputs["index"], students)

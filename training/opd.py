@@ -1,0 +1,261 @@
+"""On-policy distillation (OPD) of an agent: the student learns on its own trajectories from the teacher's
+per-token judgement.
+
+One iteration: the student (base + its current LoRA adapter) runs as a CodeAct agent on training questions
+(``tasks/opd.py`` samples the episodes with the project's engine, sandbox and retriever); the teacher scores
+every token the student wrote in each assistant turn, in exactly the student's context (``Generator.score``
+on the same messages); this module aligns those scores with the student's own tokens and updates the adapter.
+
+The objective is the per-token reverse KL, KL(π_student ‖ π_teacher), on the student's own samples. Its
+estimator is the sampled one used for on-policy distillation (a policy gradient with a per-token reward):
+
+    A_t    = clip(log π_T(x_t | x_<t) − log π_old(x_t | x_<t), −kl_clip, kl_clip)       (detached)
+    loss   = − Σ_t A_t · exp(log π_θ(x_t | x_<t) − log π_old(x_t | x_<t))  /  Σ_t 1
+
+over the tokens the student generated (prompt, system, observation and template tokens carry no loss), where
+π_old is the adapter the episodes were sampled with, evaluated by this module's model in float (its value
+is stored beside the teacher's). At θ = old the ratio is 1 and the gradient is Σ_t A_t ∇ log π_θ(x_t), the
+REINFORCE gradient of E[Σ_t log π_T − log π_θ] with the per-token reward; the ratio keeps the later micro-
+batches of an iteration on-policy (importance weight). ``−mean(A_t)`` before clipping is the k1 estimate of the
+reverse KL reported per step, iteration, dataset and segment.
+
+Differences from a GPU implementation, stated: the episodes are sampled by the project's student backend
+(llama.cpp's quantised model with the adapter on a CPU), while π_old and π_θ are the de-quantised model
+here, so the importance weight is taken against π_old, not against the sampler's exact probabilities; the
+model runs in eval mode (no LoRA dropout) so that π_θ = π_old before the first update.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent_runtime.backends import BackendConfig
+from agent_runtime.engine import AgentConfig
+from questions.datasets import DatasetConfig
+from training.examples import ExampleError, assistant_spans, validate_messages
+
+Segment = Literal["thought", "code", "final"]
+
+
+class OpdConfig(BaseModel):
+    """The ``opd`` stage: K iterations of sampling, teacher scoring and a reverse-KL update of the adapter."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    iterations: int = Field(2, ge=1, description="iterations, each re-sampling from the updated student "
+                                                 "(each its own artifact opd/1 … opd/K)")
+    datasets: tuple[DatasetConfig, ...] | None = Field(
+        None, description="training questions (gold optional); None: the rollout's datasets")
+    limit: int | None = Field(None, ge=1, description="take only the first N questions of each dataset")
+    samples_per_question: int = Field(1, ge=1, description="student episodes per question and iteration")
+    agent: AgentConfig = Field(
+        AgentConfig(prompt="student", temperature=0.7, top_p=1.0, max_steps=4, max_new_tokens=256),
+        description="how the student runs (sampled: temperature > 0; prompt as in evaluation)")
+    scorer: BackendConfig | None = Field(
+        None, description="the teacher on a backend that scores given tokens (transformers, vllm, or vLLM's "
+                          "server through openai); None: the teacher's model on transformers")
+    learning_rate: float = Field(2e-5, gt=0, description="AdamW learning rate of the adapter (constant)")
+    episodes_per_step: int = Field(8, ge=1, description="episodes per optimizer step")
+    epochs: int = Field(1, ge=1, description="passes over an iteration's episodes")
+    kl_clip: float = Field(5.0, gt=0, description="clip of the per-token advantage log π_T − log π_old (nats)")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    max_length: int = Field(4096, ge=8, description="longest episode in tokens; longer ones are cut after the "
+                                                    "last assistant turn that fits")
+    seed: int = Field(0, description="seeds the episode order; the sampling seeds add the iteration")
+
+    def identity(self) -> dict:
+        """What an iteration's artifact id hashes: everything but the number of iterations (so raising
+        ``iterations`` keeps the ids of the iterations already built)."""
+        return self.model_dump(mode="json", exclude={"iterations"})
+
+
+@dataclass
+class OpdExample:
+    """One episode ready for the update: its token ids and, for each generated token, where it sits, its
+    segment, and the teacher's and the sampling student's log-probs."""
+
+    key: tuple[str, str, int]  # (dataset, question_id, sample_index)
+    input_ids: list[int]
+    positions: list[int]  # indices into input_ids of the scored (generated) tokens
+    teacher: list[float]
+    old: list[float]
+    steps: list[int]  # the agent step of each scored token
+    segments: list[str]
+
+
+@dataclass
+class AlignedTurn:
+    """The tokens of one assistant turn inside the whole episode's rendering."""
+
+    step: int
+    start: int  # index of the turn's first token in the episode's ids
+    token_ids: list[int]
+    segments: list[str]
+
+
+def token_segments(tokenizer, text: str, token_ids: list[int], is_final: bool) -> list[str]:
+    """The segment of each token of an assistant turn: ``final`` for the finalising action, else ``thought``
+    before its code block and ``code`` from the block's opening fence on."""
+    if is_final:
+        return ["final"] * len(token_ids)
+    fence = text.find("```")
+    if fence < 0:
+        return ["thought"] * len(token_ids)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(encoded.input_ids) != list(token_ids):
+        raise ExampleError("the turn's tokens differ from the scored ones")
+    return ["code" if end > fence else "thought" for _, end in encoded.offset_mapping]
+
+
+def align_turns(tokenizer, messages: list[dict], scored_ids: list[list[int]], finals: list[bool]
+                ) -> tuple[list[int], list[AlignedTurn]]:
+    """The episode's token ids and, per assistant turn, where the teacher's scored tokens sit in them.
+
+    ``scored_ids[j]`` are the tokens ``Generator.score`` returned for assistant turn j (its text tokenized
+    alone); they must be the first tokens of that turn's span in the whole rendering (the chat template
+    renders history unchanged and the turn starts after a special token), else ExampleError.
+    """
+    validate_messages(messages)
+    full, spans = assistant_spans(tokenizer, messages)
+    if len(spans) != len(scored_ids):
+        raise ExampleError(f"{len(spans)} assistant turns but {len(scored_ids)} scored completions")
+    texts = [m["content"] for m in messages if m["role"] == "assistant"]
+    turns = []
+    for j, ((start, end), ids, text, final) in enumerate(zip(spans, scored_ids, texts, finals)):
+        if full[start:start + len(ids)] != list(ids) or start + len(ids) > end:
+            raise ExampleError(f"assistant turn {j + 1}: the scored tokens are not the turn's tokens in the episode")
+        turns.append(AlignedTurn(j + 1, start, list(ids), token_segments(tokenizer, text, ids, final)))
+    return full, turns
+
+
+def opd_example(key: tuple[str, str, int], full: list[int], turns: list[AlignedTurn], teacher: list[list[float]],
+                max_length: int) -> OpdExample | None:
+    """The example of one episode, cut after the last turn that fits in ``max_length`` (None: none fits)."""
+    positions, lps, steps, segments = [], [], [], []
+    cut = 0
+    for turn, lp in zip(turns, teacher):
+        end = turn.start + len(turn.token_ids)
+        if end > max_length:
+            break
+        positions += range(turn.start, end)
+        lps += lp
+        steps += [turn.step] * len(turn.token_ids)
+        segments += turn.segments
+        cut = end
+    if not positions:
+        return None
+    return OpdExample(key, full[:cut], positions, lps, [], steps, segments)
+
+
+# ----------------------------------------------------------------------------- the model
+
+def autocast(device: torch.device):
+    """bf16 autocast where the CPU (or GPU) multiplies bf16 natively, as the SFT stage trains; else float32."""
+    from devices.precision import resolve_dtype
+
+    if resolve_dtype("auto", device.type) == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def load_student(base_model: str, adapter: Path, device: torch.device) -> tuple[torch.nn.Module, object]:
+    """(model, tokenizer): the de-quantised base with the trainable ``adapter``, in eval mode (no dropout)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from agent_runtime.backends.transformers_backend import dequantized_folder
+    from models.resolve import resolve_model
+
+    source = resolve_model(base_model)
+    folder = dequantized_folder(source) if source.gguf_file else source.path
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+    model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def token_logprobs(model, example: OpdExample, device: torch.device) -> torch.Tensor:
+    """log π(x_t | x_<t) of the example's scored tokens under ``model`` (graph kept when grad is enabled)."""
+    ids = torch.tensor([example.input_ids], device=device)
+    with autocast(device):
+        logits = model(input_ids=ids, use_cache=False).logits[0]
+    positions = torch.tensor(example.positions, device=device)
+    picked = logits[positions - 1].float().log_softmax(-1)
+    return picked.gather(-1, ids[0, positions].view(-1, 1)).view(-1)
+
+
+def fill_old_logprobs(model, examples: list[OpdExample], device: torch.device,
+                      on_progress: Callable[[int], None] | None = None) -> None:
+    """Set each example's ``old``: its log-probs under the sampling adapter (before any update)."""
+    with torch.no_grad():
+        for index, example in enumerate(examples):
+            example.old = token_logprobs(model, example, device).tolist()
+            if on_progress:
+                on_progress(index + 1)
+
+
+def opd_loss(logprobs: torch.Tensor, old: torch.Tensor, teacher: torch.Tensor, kl_clip: float
+             ) -> tuple[torch.Tensor, dict]:
+    """The summed per-token loss of one episode (see the module docstring) and its statistics."""
+    log_ratio = teacher - old
+    advantage = log_ratio.clamp(-kl_clip, kl_clip)
+    loss = -(advantage * torch.exp(logprobs - old)).sum()
+    stats = {"tokens": int(old.numel()), "kl_sum": float(-log_ratio.sum()),
+             "clipped": int((log_ratio.abs() > kl_clip).sum())}
+    return loss, stats
+
+
+def train_iteration(model, examples: list[OpdExample], cfg: OpdConfig, iteration: int, device: torch.device,
+                    on_step: Callable[[int, int], None] | None = None) -> list[dict]:
+    """``cfg.epochs`` passes of reverse-KL updates over ``examples`` (their ``old`` filled); one loss row per
+    optimizer step: step, loss, kl (mean k1 estimate on the step's tokens under π_old), tokens, clipped."""
+    generator = torch.Generator().manual_seed(cfg.seed + iteration)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    order = [i for _ in range(cfg.epochs) for i in torch.randperm(len(examples), generator=generator).tolist()]
+    batches = [order[i:i + cfg.episodes_per_step] for i in range(0, len(order), cfg.episodes_per_step)]
+    rows = []
+    for step, batch in enumerate(batches, start=1):
+        started = time.perf_counter()
+        total = sum(len(examples[i].positions) for i in batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, kl_sum, clipped = 0.0, 0.0, 0
+        for i in batch:
+            example = examples[i]
+            logprobs = token_logprobs(model, example, device)
+            loss, stats = opd_loss(logprobs, torch.tensor(example.old, device=device),
+                                   torch.tensor(example.teacher, device=device), cfg.kl_clip)
+            (loss / total).backward()
+            loss_sum += float(loss.detach())
+            kl_sum += stats["kl_sum"]
+            clipped += stats["clipped"]
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"opd iteration {iteration}, step {step}: the loss is {loss_sum}")
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        rows.append({"iteration": iteration, "step": step, "loss": loss_sum / total, "kl": kl_sum / total,
+                     "tokens": total, "clipped": clipped, "episodes": len(batch),
+                     "step_time_s": time.perf_counter() - started})
+        if on_step:
+            on_step(step, len(batches))
+    return rows
+
+
+def mean_kl(model, examples: list[OpdExample], device: torch.device) -> float:
+    """Mean over tokens of log π_θ − log π_T on the examples' tokens (the k1 reverse-KL estimate)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            lp = token_logprobs(model, example, device)
+            total += float((lp - torch.tensor(example.teacher, device=device)).sum())
+            count += lp.numel()
+    return total / max(count, 1)
+
