@@ -21,3 +21,8 @@ class UserError(Exception):
 
 class ServiceUnavailable(UserError):
     """A server named in the config (model endpoint, retriever) did not answer; worth retrying."""
+
+
+class DiskFull(UserError):
+    """A write found no space left on its file system; the message names the file. Transient like
+    ``ServiceUnavailable`` (space may be freed meanwhile), so tasks retry it; what was written before stays."""

@@ -3,10 +3,15 @@
 A writer writes under a temporary name beside the target (``<name>.tmp-<pid>-…``, so cleaning never removes
 a live writer's file), syncs it and renames it into place; a writer that died leaves only temporary names,
 which ``clean_stale_temp`` removes.
+
+A write that runs out of space (``ENOSPC``/``EDQUOT``, however the writing library words it) raises
+``DiskFull`` naming the file; its temporary file is removed, so the target keeps its old content or stays
+absent, and nothing half-written is ever renamed into place.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,6 +19,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from common.errors import DiskFull
 
 TMP_MARK = ".tmp-"
 
@@ -40,14 +47,16 @@ def atomic_file(path: Path, suffix: str = "") -> Iterator[Path]:
 
     ``suffix`` ends the temporary name, for writers that choose a format by it (``.png``).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=suffix, dir=path.parent)
+    with named_if_disk_full(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with named_if_disk_full(path):  # inside: the disk is still full while the partial file is there
+            yield Path(tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -58,20 +67,50 @@ def atomic_dir(path: Path, replace: bool = True) -> Iterator[Path]:
 
     ``replace=False``: a folder that another writer put at ``path`` first is kept, and this one dropped.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), dir=path.parent))
+    with named_if_disk_full(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), dir=path.parent))
     try:
-        yield tmp
-        if replace:
-            move_dir_into_place(tmp, path)
-        else:
-            try:
-                os.replace(tmp, path)
-            except OSError:  # another writer's folder is there: keep it
-                pass
+        with named_if_disk_full(path):
+            yield tmp
+            if replace:
+                move_dir_into_place(tmp, path)
+            else:
+                try:
+                    os.replace(tmp, path)
+                except OSError:  # another writer's folder is there: keep it
+                    pass
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def named_if_disk_full(path: Path) -> Iterator[None]:
+    """Turn a write error that ran out of space into ``DiskFull`` naming ``path`` (see the module docstring)."""
+    try:
+        yield
+    except DiskFull:  # an inner write (a file inside an atomic folder) named it already
+        raise
+    except Exception as exc:
+        if out_of_space(exc, path.parent):
+            raise DiskFull(f"no space left on device writing {path}; free space there and run again "
+                           "(the files finished before are kept)") from exc
+        raise
+
+
+def out_of_space(exc: Exception, folder: Path) -> bool:
+    """Whether ``exc`` is a write that ran out of space. pyarrow and plain writes raise OSError with the errno;
+    faiss and safetensors put the C library's words in a RuntimeError; torch.save says neither ("unexpected
+    pos"), so a file system left without one free block counts too."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if os.strerror(errno.ENOSPC) in str(exc) or os.strerror(errno.EDQUOT) in str(exc):
+        return True
+    try:
+        return os.statvfs(folder).f_bavail == 0
+    except OSError:
+        return False
 
 
 def move_dir_into_place(tmp: Path, path: Path) -> None:

@@ -90,24 +90,25 @@ def regrade_evaluation(store: ArtifactStore, source_id: str) -> Regraded:
     identity = {"regrade_of": source.id, "grader_version": GRADER_VERSION,
                 "evaluate": manifest["config"]["evaluate"]}
     plan = store.plan_stage(STAGE, identity, [source.id])
-    if store.exists(plan.ref):
-        done = store.manifest(plan.ref)
-        return Regraded(plan.ref, source, done["row_counts"]["predictions"], done["metrics"]["changed_verdicts"],
-                        cached=True)
-    old = read_table(source.path, "predictions")
-    new = regrade_predictions(old, kinds, plan.ref.id)
-    changed = sum(1 for a, b in zip(old.column("correct").to_pylist(), new.column("correct").to_pylist())
-                  if a != b)
-    artifact = store.open(plan)
-    artifact.write_table("predictions", new, PREDICTIONS, part=0)
-    metrics = compute_metrics(new, plan.ref.id)
-    artifact.write_table("metrics", metrics, METRICS)
-    paths = write_report(artifact.path, metrics, new, title=f"distillery evaluation {source.id}, re-graded")
-    artifact.finish(
-        {"predictions": new.num_rows, "metrics": metrics.num_rows},
-        {"report": str(paths["report"]), "table": metrics.to_pylist(), "grader_version": GRADER_VERSION,
-         "changed_verdicts": changed,
-         # Evaluations written before grader versions were recorded have none in their manifest.
-         "regraded_from": {"id": source.id, "grader_version": manifest["metrics"].get("grader_version")}},
-    )
+    with store.lock(plan.ref):  # one writer per artifact: a concurrent re-grade waits, then reuses it
+        if store.exists(plan.ref):
+            done = store.manifest(plan.ref)
+            return Regraded(plan.ref, source, done["row_counts"]["predictions"], done["metrics"]["changed_verdicts"],
+                            cached=True)
+        old = read_table(source.path, "predictions")
+        new = regrade_predictions(old, kinds, plan.ref.id)
+        changed = sum(1 for a, b in zip(old.column("correct").to_pylist(), new.column("correct").to_pylist())
+                      if a != b)
+        artifact = store.open(plan)
+        artifact.write_table("predictions", new, PREDICTIONS, part=0)
+        metrics = compute_metrics(new, plan.ref.id)
+        artifact.write_table("metrics", metrics, METRICS)
+        paths = write_report(artifact.path, metrics, new, title=f"distillery evaluation {source.id}, re-graded")
+        artifact.finish(
+            {"predictions": new.num_rows, "metrics": metrics.num_rows},
+            {"report": str(paths["report"]), "table": metrics.to_pylist(), "grader_version": GRADER_VERSION,
+             "changed_verdicts": changed,
+             # Evaluations written before grader versions were recorded have none in their manifest.
+             "regraded_from": {"id": source.id, "grader_version": manifest["metrics"].get("grader_version")}},
+        )
     return Regraded(plan.ref, source, new.num_rows, changed, cached=False)

@@ -128,7 +128,9 @@ def set_aside_if_corrupt(store: ArtifactStore, planned: PlannedStage, needed: bo
     elif planned.pinned:
         raise ArtifactError(f"pinned artifact {ref.stage}/{ref.id} is corrupt ({why}); import or build it again")
     else:
-        store.set_aside(ref, why)
+        with store.lock(ref):  # another run may be rebuilding it now: move aside only what is still corrupt
+            if store.state(ref.path, hashes=True).state == "corrupt":
+                store.set_aside(ref, why)
 
 
 def stage_graph(cfg: PipelineConfig, adapters: dict[str, ArtifactRef] | None) -> dict[str, tuple[str, ...]]:

@@ -12,6 +12,9 @@ three states: ``complete`` (a readable manifest), ``incomplete`` (no manifest ye
 writer died) or ``corrupt`` (an unreadable manifest, or files that no longer match it). A corrupt artifact
 does not exist for ``exists``, is named by ``scan``, and is moved aside (``set_aside``) before its stage
 rebuilds it.
+
+One process at a time writes an artifact: its writer holds the artifact's lock (``lock``, see
+``storage.locks``) while it checks whether the artifact exists and writes it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import pyarrow.parquet as pq
 from common.errors import UserError
 from common.files import atomic_file, atomic_write_json, clean_stale_temp
 from storage.integrity import MANIFEST, check_files, file_checksums
+from storage.locks import exclusive
 from storage.schemas import conform
 
 PACKAGES = ("agent_runtime", "devices", "models", "questions", "retrieval", "storage", "training", "evaluation",
@@ -120,6 +124,9 @@ class StagePlan:
     code: str = ""  # the code version in the id (``code_version`` of the stage's packages)
 
 
+LOCKS = ".locks"
+"""The folder under the root holding one lock file per artifact ever written (``<stage>/<id>.lock``)."""
+
 ARTIFACT_ID = re.compile(r"[0-9a-f]{16}")
 """An artifact folder's name (``artifact_id``); other folders under a stage (set aside, temporary) are not."""
 
@@ -200,6 +207,13 @@ class ArtifactStore:
     def ref(self, stage: str, id_: str) -> ArtifactRef:
         return ArtifactRef(stage, id_, str(self.root.resolve()))
 
+    def lock(self, ref: ArtifactRef, timeout_s: float | None = None):
+        """A context manager holding ``ref``'s lock, which makes its holder the one writer of the artifact.
+
+        Waits while another process holds it; yields the holder waited for, or None (``storage.locks``).
+        """
+        path = Path(ref.root) / LOCKS / ref.stage / f"{ref.id}.lock"
+        return exclusive(path, f"{ref.stage}/{ref.id}", timeout_s)
 
     def exists(self, ref: ArtifactRef) -> bool:
         """Whether ``ref`` is built: its manifest is there and readable (a corrupt one is not built)."""

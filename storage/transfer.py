@@ -116,35 +116,43 @@ def import_archive(store: ArtifactStore, source: Path) -> list[tuple[str, str]]:
             if manifest.get("id") != id_ or manifest.get("stage") != stage:
                 raise ArtifactError(f"{source}: {key}/{MANIFEST} names {manifest.get('stage')}/{manifest.get('id')}")
             stage = manifest["stage"] = LEGACY_STAGES.get(stage, stage)
-            target = store.root / stage / id_
-            if (target / MANIFEST).is_file():
-                if json.loads((target / MANIFEST).read_text()) != manifest:
-                    raise ArtifactError(f"{target} already exists with a different manifest; not overwritten")
-                results.append((f"{stage}/{id_}", "already present"))
-                continue
-            staging = store.root / stage / f"{id_}{TMP_MARK}{os.getpid()}-import"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            try:
-                for member in members:
-                    relative = PurePosixPath(member.name).relative_to(key)
-                    destination = staging / relative
-                    if member.isdir():
-                        destination.mkdir(parents=True, exist_ok=True)
-                        continue
-                    destination.parent.mkdir(parents=True, exist_ok=True)
-                    with tar.extractfile(member) as src, destination.open("wb") as dst:
-                        shutil.copyfileobj(src, dst)
-                problems = check_files(staging, manifest.get("files", {}))
-                if problems:  # damaged after its manifest was written, or in transit
-                    raise ArtifactError(f"{source}: {key} does not match its manifest ({'; '.join(problems)}); "
-                                        "not imported")
-                if key.split("/")[0] != stage:  # an export of an older version: its stage renamed
-                    atomic_write_json(staging / MANIFEST, manifest)
-                if target.exists():  # an incomplete folder (no manifest) of a writer that died
-                    shutil.rmtree(target)
-                os.replace(staging, target)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-            results.append((f"{stage}/{id_}", "imported"))
+            # One writer per artifact (storage.locks): a run building this artifact now finishes first.
+            with store.lock(store.ref(stage, id_)):
+                results.append((f"{stage}/{id_}", _import_artifact(store, tar, source, key, members, manifest)))
     return results
+
+
+def _import_artifact(store: ArtifactStore, tar: tarfile.TarFile, source: Path, key: str, members: list,
+                     manifest: dict) -> str:
+    """Extract the artifact ``key`` (``<stage>/<id>`` in the archive) into place; 'imported' or 'already present'."""
+    stage, id_ = manifest["stage"], manifest["id"]
+    target = store.root / stage / id_
+    if (target / MANIFEST).is_file():
+        if json.loads((target / MANIFEST).read_text()) != manifest:
+            raise ArtifactError(f"{target} already exists with a different manifest; not overwritten")
+        return "already present"
+    staging = store.root / stage / f"{id_}{TMP_MARK}{os.getpid()}-import"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for member in members:
+            relative = PurePosixPath(member.name).relative_to(key)
+            destination = staging / relative
+            if member.isdir():
+                destination.mkdir(parents=True, exist_ok=True)
+                continue
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(member) as src, destination.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+        problems = check_files(staging, manifest.get("files", {}))
+        if problems:  # damaged after its manifest was written, or in transit
+            raise ArtifactError(f"{source}: {key} does not match its manifest ({'; '.join(problems)}); "
+                                "not imported")
+        if key.split("/")[0] != stage:  # an export of an older version: its stage renamed
+            atomic_write_json(staging / MANIFEST, manifest)
+        if target.exists():  # an incomplete folder (no manifest) of a writer that died: we hold its lock
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return "imported"

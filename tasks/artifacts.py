@@ -4,10 +4,17 @@
 returned as it is; otherwise it is opened (the finished parts of an earlier, killed attempt are kept),
 the stage writes its files, and the manifest is written last. The artifact store is the one answer to
 "already built": Prefect's result cache is not used.
+
+All of it happens under the artifact's lock (``ArtifactStore.lock``), so two runs on one home (two
+``distillery run``, a CLI run and a Prefect worker) never build an artifact twice nor write it together:
+the second waits (one line: ``waiting for rollout/<id> built by pid N …``), then finds it built and reuses
+it. A lock dies with its holder, so a killed run's artifact is taken over by the next run, which keeps
+its finished parts.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -19,11 +26,16 @@ Written = tuple[dict[str, int], dict]
 
 def build_artifact(plan: StagePlan, write: Callable[[Artifact], Written], example_query: str) -> ArtifactRef:
     """Write the planned artifact with ``write`` unless it exists; publish it (see the module docstring)."""
-    store = ArtifactStore(plan.ref.root)
-    if not store.exists(plan.ref):
-        artifact = store.open(plan)
-        row_counts, metrics = write(artifact)
-        artifact.finish(row_counts, metrics)
+    store, name = ArtifactStore(plan.ref.root), f"{plan.ref.stage}/{plan.ref.id}"
+    with store.lock(plan.ref) as waited_for:
+        if store.exists(plan.ref):  # checked under the lock: a writer we waited for may have finished it
+            if waited_for:
+                print(f"{name} was built meanwhile by pid {waited_for['pid']}; reusing it", file=sys.stderr)
+        else:
+            print(f"building {name} (pid {os.getpid()})", file=sys.stderr)
+            artifact = store.open(plan)
+            row_counts, metrics = write(artifact)
+            artifact.finish(row_counts, metrics)
     publish_artifact(store, plan.ref, example_query)
     return plan.ref
 

@@ -1,11 +1,12 @@
 """Prefect retries a stage task only for transient faults: a user error fails at once, a server that did
-not answer and any other exception keep their retry."""
+not answer, a full disk and any other exception keep their retry."""
 
 import time
 
 import pytest
 from prefect import flow, task
 
+from common.errors import DiskFull
 from flows.stages import STAGES
 from questions.datasets import DatasetError
 from retrieval.retriever import RetrieverUnavailable
@@ -24,7 +25,7 @@ def test_every_stage_task_with_retries_skips_them_for_user_errors():
 @pytest.mark.parametrize("error, attempts", [
     (DatasetError("questions.jsonl:2: not valid JSON"), 1),
     (RetrieverUnavailable("cannot reach the retriever at http://127.0.0.1:9/retrieve"), 2),
-    (OSError("No space left on device"), 2),
+    (DiskFull("no space left on device writing /home/rollout/0123456789abcdef/episodes/part-00001.parquet"), 2),
 ])
 def test_user_errors_fail_at_once_and_transient_ones_are_retried(prefect_harness, error, attempts):
     calls = []
