@@ -12,7 +12,7 @@ from tasks.artifacts import build_artifact
 
 
 def test_the_registry_names_the_pipeline_stages_in_order_and_each_builder_resolves():
-    assert stage_names() == ("index", "prefixes", "rollout", "sft", "train", "evaluate")
+    assert stage_names() == ("index", "prefixes", "rollout", "sft", "train", "opd", "evaluate")
     for entry in stages.STAGES:
         assert callable(entry.build()), entry.name
     commands = build_parser()._subparsers._group_actions[0].choices
