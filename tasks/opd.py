@@ -132,7 +132,7 @@ def score_tokens(artifact: Artifact, cfg: PipelineConfig, iteration: int, start:
         by_episode[key].append(result)
     import torch
 
-    device = torch.device("cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_student(cfg.train.base_model, start.path / "adapter", device)
     examples = []
     for key, messages in conversations:
@@ -231,7 +231,7 @@ def assistant_index(messages: list[dict], count: int) -> int:
 def update_adapter(artifact: Artifact, cfg: PipelineConfig, iteration: int, start: ArtifactRef) -> None:
     import torch
 
-    device = torch.device("cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_student(cfg.train.base_model, start.path / "adapter", device)
     examples = stored_examples(artifact, tokenizer, cfg.opd.max_length)
     if not examples:

@@ -183,13 +183,15 @@ def load_student(base_model: str, adapter: Path, device: torch.device) -> tuple[
 
 
 def token_logprobs(model, example: OpdExample, device: torch.device) -> torch.Tensor:
-    """log π(x_t | x_<t) of the example's scored tokens under ``model`` (graph kept when grad is enabled)."""
+    """log π(x_t | x_<t) of the example's scored tokens under ``model`` (graph kept when grad is enabled).
+
+    Only the logits that predict scored tokens are computed (``logits_to_keep``): the LM head over a
+    152k-token vocabulary would otherwise cost as much as the rest of a 0.5B model for every position."""
     ids = torch.tensor([example.input_ids], device=device)
-    with autocast(device):
-        logits = model(input_ids=ids, use_cache=False).logits[0]
     positions = torch.tensor(example.positions, device=device)
-    picked = logits[positions - 1].float().log_softmax(-1)
-    return picked.gather(-1, ids[0, positions].view(-1, 1)).view(-1)
+    with autocast(device):
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=positions - 1).logits[0]
+    return logits.float().log_softmax(-1).gather(-1, ids[0, positions].view(-1, 1)).view(-1)
 
 
 def fill_old_logprobs(model, examples: list[OpdExample], device: torch.device,

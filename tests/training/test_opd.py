@@ -46,7 +46,7 @@ def test_only_the_assistant_turns_tokens_carry_loss(smollm_tokenizer):
     assert "code" in example.segments[:len(turns[0].token_ids)]
 
 
-def test_the_gradient_reaches_only_the_scored_positions(tiny_student, smollm_tokenizer):
+def test_the_loss_reads_only_the_logits_that_predict_generated_tokens(tiny_student, smollm_tokenizer):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32)
@@ -56,18 +56,22 @@ def test_the_gradient_reaches_only_the_scored_positions(tiny_student, smollm_tok
 
     class Recorder(torch.nn.Module):  # hands the logits out so the test can take their gradient
         def forward(self, **kwargs):
+            captured["kept"] = kwargs["logits_to_keep"].tolist()
             out = model(**kwargs)
             out.logits.retain_grad()
             captured["logits"] = out.logits
             return out
 
     logprobs = token_logprobs(Recorder(), example, torch.device("cpu"))
-    old = logprobs.detach()
-    loss, stats = opd_loss(logprobs, old, torch.tensor(example.teacher), kl_clip=5.0)
+    loss, stats = opd_loss(logprobs, logprobs.detach(), torch.tensor(example.teacher), kl_clip=5.0)
     loss.backward()
-    touched = captured["logits"].grad[0].abs().sum(-1).nonzero().view(-1).tolist()
-    assert touched == [p - 1 for p in example.positions]  # logits at p - 1 predict the token at p
+    assert captured["kept"] == [p - 1 for p in example.positions]  # logits at p - 1 predict the token at p
+    assert bool((captured["logits"].grad[0].abs().sum(-1) > 0).all())  # and each of them gets a gradient
     assert stats["tokens"] == len(example.positions)
+    with torch.no_grad():  # the same log-probs as from the full logits
+        reference = model(input_ids=torch.tensor([full])).logits[0].log_softmax(-1)
+    expected = [float(reference[p - 1, full[p]]) for p in example.positions]
+    assert logprobs.tolist() == pytest.approx(expected, abs=0.05)
 
 
 def test_the_estimator_is_the_reinforce_gradient_with_the_clipped_log_ratio():
