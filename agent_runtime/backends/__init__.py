@@ -60,7 +60,9 @@ class BackendConfig(BaseModel):
     )
     slots: int = Field(4, ge=1, description="llamacpp: parallel slots (requests decoded together)")
     ctx_per_slot: int = Field(4096, ge=256, description="llamacpp: context tokens of each slot")
-    threads: int = Field(0, ge=0, description="llamacpp: CPU threads (0 = every core this process may use)")
+    threads: int = Field(
+        0, ge=0, description="llamacpp: CPU threads (0 = every core this process may use but one, at least 1)"
+    )
     stall_timeout_s: float = Field(
         60.0, gt=0, description="llamacpp: seconds a server may make no progress (tokens, CPU time) while "
                                 "requests wait before it is killed and the requests fail naming it"

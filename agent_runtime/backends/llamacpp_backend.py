@@ -86,8 +86,17 @@ def request_label(request: Request, index: int, sample: int) -> str:
     return f"'{request.label or f'#{index} of the batch'}' sample {sample}"
 
 
-def cpu_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def default_threads() -> int:
+    """Threads of a server whose config says 0: every core this process may use but one, at least one.
+
+    llama.cpp's threads meet at a spinning barrier after every operation of the model, so when another
+    process preempts one of them the others spin until it runs again. With as many threads as cores, any
+    other work on the machine (the sandbox, Prefect, another server, another user) multiplies a request's
+    time: on 2 shared cores 2 threads spent 4-9x the CPU time per request of 1 thread and took 3-10x as
+    long (README, Reliability); llama.cpp's ``--poll 0`` did not help, since the barrier always spins.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 class LlamaCppGenerator:
@@ -118,7 +127,7 @@ class LlamaCppGenerator:
         port = free_port()
         cmd = [sys.executable, "-m", "agent_runtime.backends.llamacpp_server", "--model", str(self._model),
                "--alias", cfg.model, "--port", str(port), "--slots", str(cfg.slots),
-               "--ctx-per-slot", str(cfg.ctx_per_slot), "--threads", str(cfg.threads or cpu_threads()),
+               "--ctx-per-slot", str(cfg.ctx_per_slot), "--threads", str(cfg.threads or default_threads()),
                "--cache-ram-mib", str(cfg.cache_ram_mib), "--slot-save-path", str(self._scratch / "slots"),
                "--quiet"]
         if self._lora is not None:
