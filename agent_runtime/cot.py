@@ -60,6 +60,7 @@ def _run_cot_batch(questions: list[AgentTask], generator: Generator, max_new_tok
         Request(
             messages=[{"role": "system", "content": COT_SYSTEM_PROMPT}, {"role": "user", "content": q.question}],
             seed=stable_seed(seed, q.question_id, q.sample_index, "cot"),
+            label=f"question {q.question_id} sample {q.sample_index} (CoT)",
         )
         for q in questions
     ]

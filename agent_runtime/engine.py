@@ -220,6 +220,7 @@ def _sample_actions(
             messages=ep.messages + ([{"role": "assistant", "content": prefix}] if prefix else []),
             continue_final=bool(prefix),
             seed=stable_seed(cfg.seed, ep.question_id, ep.sample_index, step),
+            label=f"question {ep.question_id} sample {ep.sample_index} step {step}",
         )
         for ep, prefix in zip(episodes, prefixes)
     ]

@@ -51,6 +51,7 @@ class Request:
     messages: list[Message]
     continue_final: bool = False
     seed: int | None = None  # per-conversation seed (derived from question id + sample index)
+    label: str | None = None  # names the request in error messages: question id, sample, step
 
 
 @dataclass

@@ -38,7 +38,8 @@ def server_params(spec: str, port: int, draft_max: int):
 
     params = build_params(argparse.Namespace(
         model=str(gguf_path("qwen2.5-coder-1.5b-instruct")), alias="teacher", host="127.0.0.1", port=port,
-        slots=1, ctx_per_slot=4096, threads=2, cache_ram_mib=2048, slot_save_path=None, quiet=True, lora=None))
+        slots=1, ctx_per_slot=4096, threads=2, poll=50, cache_ram_mib=2048, slot_save_path=None, quiet=True,
+        lora=None))
     kinds = xlc.common_speculative_type
     if spec == "draft":
         params.speculative.types = [kinds.COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE]

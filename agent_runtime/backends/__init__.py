@@ -41,7 +41,9 @@ class BackendConfig(BaseModel):
     api_key_env: str = Field(
         "OPENAI_API_KEY", description="openai: env var holding the API key (may be unset locally)"
     )
-    timeout_s: float = Field(120.0, gt=0, description="openai: timeout of one HTTP request, seconds")
+    timeout_s: float = Field(
+        120.0, gt=0, description="openai: timeout of one HTTP request, seconds (llamacpp: stall_timeout_s instead)"
+    )
     max_retries: int = Field(
         3, ge=0, description="openai: retries after a failed request (connect error, 429, 5xx)"
     )
@@ -58,7 +60,13 @@ class BackendConfig(BaseModel):
     )
     slots: int = Field(4, ge=1, description="llamacpp: parallel slots (requests decoded together)")
     ctx_per_slot: int = Field(4096, ge=256, description="llamacpp: context tokens of each slot")
-    threads: int = Field(0, ge=0, description="llamacpp: CPU threads (0 = every core this process may use)")
+    threads: int = Field(
+        0, ge=0, description="llamacpp: CPU threads (0 = every core this process may use but one, at least 1)"
+    )
+    stall_timeout_s: float = Field(
+        60.0, gt=0, description="llamacpp: seconds a server may make no progress (tokens, CPU time) while "
+                                "requests wait before it is killed and the requests fail naming it"
+    )
     cache_ram_mib: int = Field(
         2048, ge=0, description="llamacpp: host-memory prompt cache shared by the slots, MiB (0 = off)"
     )

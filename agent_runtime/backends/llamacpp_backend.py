@@ -18,6 +18,12 @@ system message and server). Without it every slot would process the prompt itsel
 
 If the server dies (killed, out of memory), the next call raises one ``GenerationError`` that names
 the backend, the model, the exit status and the server's last log lines.
+
+A server that stops making progress (stopped, starved of CPU, hung) is caught by its stall watchdog
+(``llamacpp_watchdog``): after ``cfg.stall_timeout_s`` without progress it is killed and the waiting
+call raises one ``ServerStalled`` naming the server's pid, port and model, its slots and the requests
+they held. Requests have no read timeout of their own (a slow but working server is waited for); the
+next call after a stall starts a new server, so the stage's one task retry runs on a fresh one.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from agent_runtime.backends import BackendConfig
+from agent_runtime.backends.llamacpp_watchdog import ServerStalled, Watchdog
 from agent_runtime.backends.openai_backend import OpenAIGenerator
 from agent_runtime.generation import (
     EndpointUnavailable,
@@ -38,12 +46,14 @@ from agent_runtime.generation import (
     Request,
     Sampling,
     Scored,
+    sample_seed,
 )
 from common.scratch import scratch_dir
 from services.client import NoAnswer, Refused, ServiceClient
 from services.processes import HOST, ChildError, free_port, start
 
 START_TIMEOUT_S = 600.0  # loading a 1.5B GGUF takes seconds; a busy 2-core machine can take minutes
+REQUEST_TIMEOUT_S = 24 * 3600.0  # in effect none: the watchdog, not a timeout, ends a request on a stopped server
 
 
 def gguf_path(spec: str) -> Path:
@@ -71,8 +81,22 @@ def server_counters(metrics: str) -> dict[str, float]:
     return counters
 
 
-def cpu_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def request_label(request: Request, index: int, sample: int) -> str:
+    """How messages name sample ``sample`` of the batch's request ``index``."""
+    return f"'{request.label or f'#{index} of the batch'}' sample {sample}"
+
+
+def default_threads() -> int:
+    """Threads of a server whose config says 0: every core this process may use but one, at least one.
+
+    llama.cpp's threads meet at a spinning barrier after every operation of the model, so when another
+    process preempts one of them the others spin until it runs again. With as many threads as cores, any
+    other work on the machine (the sandbox, Prefect, another server, another user) multiplies a request's
+    time: on 2 shared cores 2 threads spent 4-9x the CPU time per request of 1 thread and took 3-10x as
+    long (README, Reliability); llama.cpp's ``--poll 0`` did not help, since the barrier always spins.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 class LlamaCppGenerator:
@@ -80,46 +104,69 @@ class LlamaCppGenerator:
 
     def __init__(self, cfg: BackendConfig):
         self.cfg = cfg
-        model = gguf_path(cfg.model)
-        lora = None
+        self._model = gguf_path(cfg.model)
+        self._lora = None
         if cfg.adapter:
             from agent_runtime.backends.lora_gguf import gguf_adapter_for
 
-            lora = gguf_adapter_for(Path(cfg.adapter), model)
+            self._lora = gguf_adapter_for(Path(cfg.adapter), self._model)
         self.name = f"llamacpp:{cfg.model}" + (f"+{Path(cfg.adapter).name}" if cfg.adapter else "")
         # The server's log and slot files in one folder of the run's scratch, which is removed with the
         # run even if this process is killed.
         self._scratch = Path(tempfile.mkdtemp(prefix="llamacpp-", dir=scratch_dir()))
-        log_path = self._scratch / "server.log"
-        slot_dir = self._scratch / "slots"
-        slot_dir.mkdir()
-        self._shared: set[str] = set()  # system messages already in every slot
+        (self._scratch / "slots").mkdir()
+        self._restart_lock = threading.Lock()
         self._client: OpenAIGenerator | None = None
+        self.watchdog: Watchdog | None = None
+        self._start_server()
+
+    def _start_server(self) -> None:
+        """Start a server on a free port and wait until it answers; its clients and watchdog with it."""
+        cfg = self.cfg
+        self._shared: set[str] = set()  # system messages already in every slot
         port = free_port()
-        cmd = [sys.executable, "-m", "agent_runtime.backends.llamacpp_server", "--model", str(model),
+        cmd = [sys.executable, "-m", "agent_runtime.backends.llamacpp_server", "--model", str(self._model),
                "--alias", cfg.model, "--port", str(port), "--slots", str(cfg.slots),
-               "--ctx-per-slot", str(cfg.ctx_per_slot), "--threads", str(cfg.threads or cpu_threads()),
-               "--cache-ram-mib", str(cfg.cache_ram_mib), "--slot-save-path", str(slot_dir), "--quiet"]
-        if lora is not None:
-            cmd += ["--lora", str(lora)]
-        self.server = start(cmd, name="the llama.cpp server", log=log_path)  # its log: read back for errors
+               "--ctx-per-slot", str(cfg.ctx_per_slot), "--threads", str(cfg.threads or default_threads()),
+               "--cache-ram-mib", str(cfg.cache_ram_mib), "--slot-save-path", str(self._scratch / "slots"),
+               "--quiet"]
+        if self._lora is not None:
+            cmd += ["--lora", str(self._lora)]
+        # Its log is read back for errors.
+        self.server = start(cmd, name="the llama.cpp server", log=self._scratch / "server.log")
         self.base_url = f"http://{HOST}:{port}"
-        self.api = ServiceClient(self.base_url, timeout_s=cfg.timeout_s, retries=cfg.max_retries)
+        # No read timeout: a request (also the shared prefix's) may take as long as the server makes
+        # progress; the watchdog ends it when the server stops. A timeout re-sent slow requests, each
+        # starting over (issue 31).
+        self.api = ServiceClient(self.base_url, timeout_s=REQUEST_TIMEOUT_S, retries=cfg.max_retries)
         try:
             self.server.wait_until(lambda: self.api.answers("/health"), START_TIMEOUT_S,
                                    what=f"answer {self.base_url}/health")
         except ChildError as exc:
             self.close()
             raise GenerationError(f"{self.name}: {exc}") from None
-        client_cfg = cfg.model_copy(update={"base_url": f"{self.base_url}/v1", "concurrency": cfg.slots})
+        client_cfg = cfg.model_copy(update={"base_url": f"{self.base_url}/v1", "concurrency": cfg.slots,
+                                            "timeout_s": REQUEST_TIMEOUT_S})
         self._client = OpenAIGenerator(client_cfg, continue_mode="prefill")
+        self.watchdog = Watchdog(self.server, self.base_url, f"llama.cpp server pid {self.server.pid} "
+                                 f"({HOST}:{port}, model {cfg.model})", cfg.stall_timeout_s)
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Generation]:
+        with self._restart_lock:
+            if self.watchdog.stall is not None:  # the watchdog killed the last server: start a new one
+                self._stop_server()
+                self._start_server()
+            watchdog = self.watchdog
         self._check_alive()
+        in_flight = {sample_seed(request, sampling, j): request_label(request, i, j)
+                     for i, request in enumerate(requests) for j in range(sampling.n)}
         try:
-            self.share_prefix(requests)
-            return self._client.generate(requests, sampling)
+            with watchdog.watch(in_flight):
+                self.share_prefix(requests)
+                return self._client.generate(requests, sampling)
         except GenerationError as exc:
+            if watchdog.stall is not None:
+                raise ServerStalled(f"{self.name}: {watchdog.stall}") from None
             self._check_alive(exc)
             raise
 
@@ -174,11 +221,18 @@ class LlamaCppGenerator:
 
     def close(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 10 s) and close the clients."""
+        self._stop_server()
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def _stop_server(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.close()
+        # The server first: requests still waiting on a stalled one end when it is gone.
+        self.server.stop(timeout_s=10)
         if self._client is not None:
             self._client.close()
         self.api.close()
-        self.server.stop(timeout_s=10)
-        shutil.rmtree(self._scratch, ignore_errors=True)
+        self._client = self.watchdog = None
 
     def _check_alive(self, cause: Exception | None = None) -> None:
         status = self.server.exit_status()

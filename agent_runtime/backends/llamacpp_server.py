@@ -42,6 +42,7 @@ def build_params(args: argparse.Namespace):
     params.cache_ram_mib = args.cache_ram_mib
     params.cpuparams.n_threads = args.threads
     params.cpuparams_batch.n_threads = args.threads
+    params.cpuparams.poll = params.cpuparams_batch.poll = args.poll
     params.n_batch = 2048
     params.n_ubatch = 512
     params.warmup = False
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=4, help="parallel sequences (continuous batching)")
     parser.add_argument("--ctx-per-slot", type=int, default=4096, help="context tokens of each slot")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for prompt processing and decoding")
+    parser.add_argument("--poll", type=int, default=50,
+                        help="how long idle threads spin before they sleep, 0-100 (llama.cpp's --poll; 50 is its default)")
     parser.add_argument("--slot-save-path", help="folder for slot KV files (/slots/N?action=save|restore)")
     parser.add_argument("--cache-ram-mib", type=int, default=2048, help="host-memory prompt cache, MiB (0: off)")
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors from llama.cpp")

@@ -8,15 +8,20 @@ cache and the CPU's kernels change the logits slightly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from agent_runtime.backends import BackendConfig, make_generator
 from agent_runtime.backends.llamacpp_backend import gguf_path, server_counters
+from agent_runtime.backends.llamacpp_watchdog import ServerStalled
 from agent_runtime.backends.lora_gguf import AdapterError, convert, permute_rows
 from agent_runtime.generation import GenerationError, Request, Sampling
 from common.scratch import scratch_dir
@@ -207,6 +212,50 @@ def test_a_killed_server_is_one_error_naming_the_backend():
                                                   r"\(pid \d+\) was killed by signal 9"):
             generator.generate([chat("Hello")], Sampling(max_new_tokens=4))
     finally:
+        generator.close()
+
+
+@pytest.mark.slow
+def test_a_stopped_server_is_one_error_naming_it_its_slot_and_the_request_and_the_next_call_restarts_it():
+    """SIGSTOP the server while a slot decodes: instead of waiting on it, the call fails within the stall
+    timeout (plus generous slack for a loaded machine) with one ServerStalled naming pid, slot, request."""
+    stall_timeout_s = 3.0
+    generator = make_generator(BackendConfig(kind="llamacpp", model=MODEL, slots=2, ctx_per_slot=1024,
+                                             max_retries=1, stall_timeout_s=stall_timeout_s))
+    pid = generator.server.pid
+    request = Request([{"role": "user", "content": "Count from 1 to 2000, one number per line."}],
+                      label="question q7 sample 0 step 1")
+    outcome = {}
+
+    def call():
+        try:
+            generator.generate([request], Sampling(max_new_tokens=900))
+        except GenerationError as exc:
+            outcome["error"] = exc
+        outcome["at"] = time.monotonic()
+
+    caller = threading.Thread(target=call)
+    try:
+        caller.start()
+        deadline = time.monotonic() + 120
+        while not any(slot.processing for slot in generator.watchdog.last_slots or ()):  # the watchdog saw it
+            assert caller.is_alive() and time.monotonic() < deadline, outcome
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        caller.join(timeout=stall_timeout_s + 120)
+        assert isinstance(outcome.get("error"), ServerStalled), outcome
+        assert outcome["at"] - stopped_at < stall_timeout_s + 30
+        message = str(outcome["error"])
+        assert f"llama.cpp server pid {pid} (127.0.0.1:" in message and "model smollm2-135m-instruct)" in message
+        assert "made no progress for" in message and "process stopped (state T)" in message
+        assert re.search(r"slot \d on request 'question q7 sample 0 step 1' sample 0", message), message
+        [generation] = generator.generate([chat("Say hello.")], Sampling(max_new_tokens=4))  # a new server
+        assert generator.server.pid != pid and generation.completions[0].completion_tokens > 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        caller.join(timeout=60)
         generator.close()
 
 
