@@ -61,7 +61,8 @@ class BackendConfig(BaseModel):
     slots: int = Field(4, ge=1, description="llamacpp: parallel slots (requests decoded together)")
     ctx_per_slot: int = Field(4096, ge=256, description="llamacpp: context tokens of each slot")
     threads: int = Field(
-        0, ge=0, description="llamacpp: CPU threads (0 = every core this process may use but one, at least 1)"
+        0, ge=0, description="llamacpp: CPU threads (0 = every core this process may use; set 1 on cores shared "
+                             "with other work, see README Reliability)"
     )
     stall_timeout_s: float = Field(
         60.0, gt=0, description="llamacpp: seconds a server may make no progress (tokens, CPU time) while "

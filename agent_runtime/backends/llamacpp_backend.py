@@ -87,16 +87,14 @@ def request_label(request: Request, index: int, sample: int) -> str:
 
 
 def default_threads() -> int:
-    """Threads of a server whose config says 0: every core this process may use but one, at least one.
+    """Threads of a server whose config says 0: every core this process may use.
 
-    llama.cpp's threads meet at a spinning barrier after every operation of the model, so when another
-    process preempts one of them the others spin until it runs again. With as many threads as cores, any
-    other work on the machine (the sandbox, Prefect, another server, another user) multiplies a request's
-    time: on 2 shared cores 2 threads spent 4-9x the CPU time per request of 1 thread and took 3-10x as
-    long (README, Reliability); llama.cpp's ``--poll 0`` did not help, since the barrier always spins.
+    On cores shared with other work, fewer threads are faster: llama.cpp's threads meet at a spinning barrier
+    after every operation, so a preempted thread stalls the others (README, Reliability: on 2 shared cores 2
+    threads took 3-10x as long per request as 1). Such machines set ``threads`` (e.g. 1); the default keeps
+    what an idle machine runs fastest with, which the engine benchmarks measured.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - 1)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class LlamaCppGenerator:
