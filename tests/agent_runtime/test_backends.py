@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -448,6 +449,26 @@ def test_vllm_backend_without_vllm_or_its_environment_says_how_to_install(tmp_pa
     monkeypatch.setenv("DISTILLERY_VLLM_PYTHON", str(tmp_path / "nowhere" / "python"))
     with pytest.raises(GenerationError, match="DISTILLERY_VLLM_PYTHON names .*nowhere/python, which is not a file"):
         make_generator(BackendConfig(kind="vllm"))
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vllm is installed: the backend runs in process")
+def test_vllm_environment_that_cannot_import_vllm_is_named_with_the_fix(monkeypatch):
+    monkeypatch.setenv("DISTILLERY_VLLM_PYTHON", sys.executable)  # this environment: no vllm
+    with pytest.raises(GenerationError, match=rf"(?s){sys.executable} cannot import vllm \(exit code 1\); rebuild it "
+                                              r"with `make setup-vllm`:\n.*ModuleNotFoundError"):
+        make_generator(BackendConfig(kind="vllm"))
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vllm is installed: the backend runs in process")
+def test_vllm_server_that_exits_while_starting_fails_with_its_log(tmp_path, tiny_student, monkeypatch):
+    fake = tmp_path / "python"  # answers the device probe, then a server that fails as vLLM's would
+    fake.write_text('#!/bin/sh\nif [ "$1" = "-c" ]; then echo "VLLM_DEVICE cpu"; exit 0; fi\n'
+                    'echo "ValueError: no model at $4" >&2; exit 3\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("DISTILLERY_VLLM_PYTHON", str(fake))
+    with pytest.raises(GenerationError, match=r"the vLLM server \(pid \d+\) exited with code 3 before it would "
+                                              rf"answer .*/health; its log ends:\nValueError: no model at {tiny_student}"):
+        make_generator(BackendConfig(kind="vllm", model=str(tiny_student)))
 
 
 def test_vllm_server_gets_the_engine_settings_as_flags_and_adapters_by_name(tmp_path):
