@@ -98,9 +98,9 @@ class Generators:
 def load_generator(cfg: BackendConfig, adapters: tuple[str, ...]) -> Generator:
     """Load the backend of ``cfg``; a vLLM engine also serves ``adapters`` (LoRARequest)."""
     if cfg.kind == "vllm":
-        from agent_runtime.backends.vllm_backend import VLLMGenerator
+        from agent_runtime.backends.vllm_backend import open_vllm
 
-        return VLLMGenerator(cfg, adapters)
+        return open_vllm(cfg, adapters)
     return make_generator(cfg)
 
 

