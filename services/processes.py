@@ -115,6 +115,14 @@ class Child:
         """The last ``lines`` lines of its log (none without a log)."""
         return [] if self.log is None else tail(self.log, lines)
 
+    def ended(self, lines: int = 5) -> str | None:
+        """None while it runs; else "<name> (pid N) <how it ended>; its last log lines: a | b"."""
+        status = self.exit_status()
+        if status is None:
+            return None
+        log = ("; its last log lines: " + " | ".join(self.tail(lines))) if self.tail(lines) else ""
+        return f"{self.name} (pid {self.pid}) {status}{log}"
+
     def wait_until(self, ready: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.5) -> float:
         """Call ``ready()`` every ``interval_s`` until it returns true; the seconds waited. A ChildError when
         the child exits first or ``timeout_s`` passes; ``what`` is what it was waited for, as in "the

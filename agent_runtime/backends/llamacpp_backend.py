@@ -233,9 +233,6 @@ class LlamaCppGenerator:
         self._client = self.watchdog = None
 
     def _check_alive(self, cause: Exception | None = None) -> None:
-        status = self.server.exit_status()
-        if status is None:
-            return
-        tail = self.server.tail(5)
-        log = ("; its last log lines: " + " | ".join(tail)) if tail else ""
-        raise GenerationError(f"{self.name}: the llama.cpp server (pid {self.server.pid}) {status}{log}") from cause
+        ended = self.server.ended()
+        if ended is not None:
+            raise GenerationError(f"{self.name}: {ended}") from cause

@@ -120,12 +120,9 @@ class VLLMServerGenerator:
         shutil.rmtree(self._scratch, ignore_errors=True)
 
     def _check_alive(self, cause: Exception | None = None) -> None:
-        status = self.server.exit_status()
-        if status is None:
-            return
-        tail = self.server.tail(5)
-        log = ("; its last log lines: " + " | ".join(tail)) if tail else ""
-        raise GenerationError(f"{self.name}: the vLLM server (pid {self.server.pid}) {status}{log}") from cause
+        ended = self.server.ended()
+        if ended is not None:
+            raise GenerationError(f"{self.name}: {ended}") from cause
 
 
 def server_command(python: Path, served_name: str, kwargs: dict, adapters: list[str], port: int) -> list[str]:

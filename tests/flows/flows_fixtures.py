@@ -35,6 +35,23 @@ def write_inputs(tmp_path, seconds: float) -> dict[str, str]:
     return {"corpus": str(corpus), "questions": str(questions), "script": str(script)}
 
 
+def write_rollout_config(tmp_path, seconds: float, num_parts: int):
+    """A rollout profile over ``write_inputs``: the scripted teacher sleeps ``seconds`` per question, one
+    sandbox worker, the 12 questions in ``num_parts`` parts."""
+    paths = write_inputs(tmp_path, seconds=seconds)
+    config = tmp_path / "rollout.yaml"
+    config.write_text(f"""
+index: {{corpus: {{source: "{paths['corpus']}"}}}}
+sandbox: {{workers: 1}}
+teacher: {{kind: scripted, model: scripted, script: "{paths['script']}"}}
+rollout:
+  datasets: [{{name: sums, source: "{paths['questions']}", kind: math}}]
+  num_parts: {num_parts}
+  agent: {{max_steps: 2}}
+""")
+    return config
+
+
 def demo(*overrides: str) -> PipelineConfig:
     """The demo profile with ``overrides`` (``key=value``, as ``--set`` takes them)."""
     return load_config(PipelineConfig, None, list(overrides))

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from flows_fixtures import write_inputs
+from flows_fixtures import write_rollout_config
 
 from storage.catalog import query
 
@@ -24,18 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def rollout_config(tmp_path):
     # 0.5 s per question, 12 questions, one sandbox worker: the rollout takes ~7 s, longer than the two
     # processes' start-up times differ, so the second finds the first building it.
-    paths = write_inputs(tmp_path, seconds=0.5)
-    config = tmp_path / "rollout.yaml"
-    config.write_text(f"""
-index: {{corpus: {{source: "{paths['corpus']}"}}}}
-sandbox: {{workers: 1}}
-teacher: {{kind: scripted, model: scripted, script: "{paths['script']}"}}
-rollout:
-  datasets: [{{name: sums, source: "{paths['questions']}", kind: math}}]
-  num_parts: 3
-  agent: {{max_steps: 2}}
-""")
-    return config
+    return write_rollout_config(tmp_path, seconds=0.5, num_parts=3)
 
 
 def start(home: Path, config: Path, api_url: str) -> subprocess.Popen:

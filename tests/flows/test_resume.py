@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from flows_fixtures import SLEEP_ACTION, write_inputs
+from flows_fixtures import SLEEP_ACTION, write_inputs, write_rollout_config
 
 from agent_runtime.rollout import split_parts
 from common.scratch import SCRATCH_VARIABLE
@@ -53,18 +53,7 @@ def rerun_and_check_untouched(home, command: str, config, pattern: str, before: 
 
 @pytest.fixture
 def rollout_config(tmp_path):
-    paths = write_inputs(tmp_path, seconds=1.5)
-    config = tmp_path / "rollout.yaml"
-    config.write_text(f"""
-index: {{corpus: {{source: "{paths['corpus']}"}}}}
-sandbox: {{workers: 1}}
-teacher: {{kind: scripted, model: scripted, script: "{paths['script']}"}}
-rollout:
-  datasets: [{{name: sums, source: "{paths['questions']}", kind: math}}]
-  num_parts: 6
-  agent: {{max_steps: 2}}
-""")
-    return config
+    return write_rollout_config(tmp_path, seconds=1.5, num_parts=6)
 
 
 @pytest.fixture
