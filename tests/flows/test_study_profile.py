@@ -39,6 +39,17 @@ def test_the_study_profile_runs_end_to_end_at_a_tiny_scale(tmp_path, home):
         'evaluate.datasets=[{name: arith, source: "builtin:arith", split: test, kind: math, num_questions: 1}]',
         "evaluate.agent.max_steps=1", "evaluate.agent.max_new_tokens=96", "evaluate.cot_max_new_tokens=128",
         "evaluate.sag.n=2",
+        # The profile's rows but the on-policy ones (agent-opd, agent-opd+sag): scoring with the 1.5B teacher on
+        # transformers and two updates of the 0.5B would add minutes; tests/flows/test_opd_stage.py runs the
+        # stage end to end on tiny models, and the study runs it on these.
+        "evaluate.methods=[" + ", ".join(
+            "{{name: {}, model: {}, mode: {}{}}}".format(*row) for row in [
+                ("cot", "student", "cot", ""), ("agent", "student", "agent", ", prompt: teacher"),
+                ("cot-distilled", "cot_student", "cot", ""), ("cot-distilled+rag", "cot_student", "cot", ", rag: true"),
+                ("agent-distilled", "agent_student", "agent", ""),
+                ("agent-distilled+sag", "agent_student", "agent", ", sag: true"),
+                ("teacher-cot", "teacher", "cot", ", limit: 25"),
+                ("teacher-agent", "teacher", "agent", ", prompt: teacher, limit: 25")]) + "]",
     ]
     command = [sys.executable, "-m", "flows.cli", "--home", str(home), "run", "--config",
                str(ROOT / "configs" / "cpu-study.yaml")]
