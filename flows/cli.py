@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     retriever_serve.add_argument("--index", required=True, help="index artifact id")
     retriever_serve.add_argument("--host", default="127.0.0.1")
     retriever_serve.add_argument("--port", type=int, default=8000)
+    retriever_serve.add_argument("--config", type=Path, help="YAML profile whose retriever_service limits apply")
+    retriever_serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                                 help="e.g. retriever_service.max_passages=4096")
     for sub in command_parsers(parser):
         # SUPPRESS: a value given before the command is not reset when none is given after it.
         sub.add_argument("--home", default=argparse.SUPPRESS, help="artifact root (as before the command)")
