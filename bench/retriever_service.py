@@ -1,9 +1,11 @@
 """Benchmark the retrieval service over HTTP: latency alone, under 200 concurrent clients, beside a large
 request, and the cost of oversized requests; prints the figures and ratios measured in one run.
 
-The service runs in a subprocess started from ``--checkout`` (default: this one), so the same script
-measures another checkout's service too (``--checkout /path/to/main`` for the code before a change), on
-the full vital-articles index that ``bench/retrieval.py`` builds (MiniLM, Flat; built here if missing).
+Each service runs in a subprocess started from a checkout: this one with its default limits, this one with
+limits raised so that it accepts the large request (``--raised``: what chunking alone does), and with
+``--before PATH`` another checkout's (the code before a change). Each scenario runs on every server in
+turn, so that a shared machine's changing load weighs on all alike. The index is the full vital-articles
+index that ``bench/retrieval.py`` builds (MiniLM, Flat).
 
 1. One client: ``--singles`` one-query requests (topk 3) one after another: p50/p95.
 2. ``--clients`` concurrent clients with one query each, sent at once: p50/p95 of their latencies and the
@@ -15,9 +17,8 @@ the full vital-articles index that ``bench/retrieval.py`` builds (MiniLM, Flat; 
    (1,024 queries × topk 16) the same way. A server whose limits refuse the large request answers at once.
 4. Oversized requests: a body of ``--oversized-mb`` MB holding one query: status, time, server CPU time.
 
-    python bench/retriever_service.py                          # this checkout, default limits
-    python bench/retriever_service.py --checkout /work/main    # the code before the limits
-    python bench/retriever_service.py --limits '{"max_passages": 200000, "max_response_bytes": 1073741824}'
+    python bench/retriever_service.py --before /work/main --json results/bench/retriever_service.json
+    python bench/retriever_service.py --raised '' --clients 50 --big-queries 32   # quicker
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from services.processes import free_port
 DEFAULT_INDEX_DIR = (
     Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distillery/bench/vital-articles"
 )
+# The third server: this checkout with limits that accept the large request (the chunking alone).
+RAISED = {"max_queries": 4096, "max_passages": 4_096_000, "max_response_bytes": 4 << 30, "max_body_bytes": 64 << 20}
 # Started in the checkout's directory, so that its own ``retrieval`` package is imported.
 SERVER = """
 import inspect, json, sys
@@ -213,9 +216,10 @@ def commit_of(checkout: Path) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkout", type=Path, default=ROOT, help="the checkout whose service is measured")
+    parser.add_argument("--before", type=Path, help="also measure the service of this checkout (the code before)")
+    parser.add_argument("--raised", default=json.dumps(RAISED), help="limits of a third server of this checkout "
+                        "that accepts the large request (JSON ServiceConfig fields; '' to skip it)")
     parser.add_argument("--index-dir", type=Path, default=DEFAULT_INDEX_DIR, help="the vital-articles index")
-    parser.add_argument("--limits", default="{}", help="ServiceConfig fields as JSON (this checkout's service)")
     parser.add_argument("--singles", type=int, default=40, help="one-client requests")
     parser.add_argument("--clients", type=int, default=200, help="concurrent one-query clients")
     parser.add_argument("--big-queries", type=int, default=128, help="queries of the large request")
@@ -232,29 +236,42 @@ def main() -> int:
     titles = pq.read_table(args.index_dir / "passages.parquet", columns=["title"]).column("title").to_pylist()
     rng = np.random.default_rng(0)
     questions = [f"What is known about {titles[i]}?" for i in rng.integers(0, len(titles), size=2048)]
-    figures = {"machine": machine(), "checkout": str(args.checkout), "commit": commit_of(args.checkout),
-               "limits": json.loads(args.limits)}
+    setups = {"after": (ROOT, {})}
+    if args.before:
+        setups = {"before": (args.before, {}), **setups}
+    if args.raised:
+        setups["after_raised_limits"] = (ROOT, json.loads(args.raised))
+    figures: dict = {"machine": machine(), "commits": {name: commit_of(path) for name, (path, _) in setups.items()},
+                     "limits": {name: limits for name, (_, limits) in setups.items()},
+                     "args": {k: str(v) for k, v in vars(args).items()}}
     print(json.dumps(figures["machine"]), flush=True)
+    # Every scenario runs on each server in turn (the others idle meanwhile), so that the load of a shared
+    # machine, which changes from minute to minute, weighs on all of them alike.
+    scenarios = {
+        "one_client": lambda server: one_client(server.url, questions[1000:], args.singles),
+        "concurrent": lambda server: concurrent_clients(server.url, questions, args.clients),
+        "beside_large": lambda server: beside_large(server, questions, args.big_queries, args.big_topk,
+                                                    args.probe_limit_s),
+        "beside_1024x16": lambda server: beside_large(server, questions, 1024, 16, args.probe_limit_s),
+    }
+    if args.oversized_mb:
+        scenarios["oversized"] = lambda server: oversized(server, args.oversized_mb)
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server(args.checkout, args.index_dir, figures["limits"], Path(tmp) / "server.log")
+        servers = {name: Server(path, args.index_dir, limits, Path(tmp) / f"{name}.log")
+                   for name, (path, limits) in setups.items()}
         try:
-            post(server.url, questions[:8])  # warm-up
-            figures["rss_idle_mb"] = server.rss_mb()
-            figures["one_client"] = one_client(server.url, questions[1000:], args.singles)
-            print("one client:", figures["one_client"], flush=True)
-            figures["concurrent"] = concurrent_clients(server.url, questions, args.clients)
-            print(f"{args.clients} concurrent clients:", figures["concurrent"], flush=True)
-            figures["beside_large"] = beside_large(server, questions, args.big_queries, args.big_topk,
-                                                   args.probe_limit_s)
-            print("beside a large request:", figures["beside_large"], flush=True)
-            figures["beside_largest_default"] = beside_large(server, questions, 1024, 16, args.probe_limit_s)
-            print("beside 1,024 queries x topk 16:", figures["beside_largest_default"], flush=True)
-            if args.oversized_mb:
-                figures["oversized"] = oversized(server, args.oversized_mb)
-                print("oversized body:", figures["oversized"], flush=True)
+            for name, server in servers.items():
+                post(server.url, questions[:8])  # warm-up
+                figures.setdefault("rss_idle_mb", {})[name] = server.rss_mb()
+            for scenario, measure in scenarios.items():
+                for name, server in servers.items():
+                    figures.setdefault(scenario, {})[name] = measure(server)
+                    print(f"{scenario} [{name}]: {json.dumps(figures[scenario][name])}", flush=True)
             figures["load_average_after"] = os.getloadavg()
         finally:
-            server.stop()
+            for server in servers.values():
+                server.stop()
+    print("load average after:", figures["load_average_after"])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
