@@ -11,6 +11,7 @@ index that ``bench/retrieval.py`` builds (MiniLM, Flat).
 2. ``--clients`` concurrent clients with one query each, sent at once: p50/p95 of their latencies and the
    wall time of all; then the same queries as one request: the ratio of the two wall times (target: ~1,
    i.e. the service batches concurrent requests as if they were one).
+   Scenarios 1–3 run ``--rounds`` times on each server; the summary gives medians.
 3. A large request (``--big-queries`` × ``--big-topk``) and, 0.5 s after it starts, one-query requests one
    after another while it runs: their p50/p95 (target < 1 s), the large request's status, time and
    response size, and the server's peak RSS. Then the largest request the default limits allow
@@ -201,6 +202,45 @@ def oversized(server: Server, megabytes: float) -> dict:
             "server_cpu_s": server.cpu_s() - cpu, "answer": response.text[:200]}
 
 
+def summary(figures: dict, names: list[str]) -> dict:
+    """Medians over the rounds of the figures the README quotes, per server."""
+
+    def median(scenario: str, *keys: str) -> dict:
+        values = {}
+        for name in names:
+            rounds = [run for run in figures[scenario][name] if _get(run, keys) is not None]
+            values[name] = float(np.median([_get(run, keys) for run in rounds])) if rounds else None
+        return values
+
+    out = {
+        "one_client_p50_ms": median("one_client", "p50_ms"),
+        "one_client_p95_ms": median("one_client", "p95_ms"),
+        "concurrent_p50_ms": median("concurrent", "p50_ms"),
+        "concurrent_p95_ms": median("concurrent", "p95_ms"),
+        "concurrent_wall_s": median("concurrent", "wall_s"),
+        "one_request_wall_s": median("concurrent", "one_batch_wall_s"),
+        "concurrent_to_one_request": median("concurrent", "ratio_concurrent_to_one_batch"),
+    }
+    for scenario in ("beside_large", "beside_1024x16"):
+        out[f"{scenario}_seconds"] = median(scenario, "seconds")
+        out[f"{scenario}_status"] = {name: figures[scenario][name][0]["status"] for name in names}
+        out[f"{scenario}_probe_p50_ms"] = median(scenario, "probes", "p50_ms")
+        out[f"{scenario}_probe_p95_ms"] = median(scenario, "probes", "p95_ms")
+        out[f"{scenario}_peak_rss_growth_mb"] = {
+            name: max(run["peak_rss_mb"] - run["rss_before_mb"] for run in figures[scenario][name]) for name in names
+        }
+    if "before" in names:
+        out["one_request_before_to_concurrent_after"] = (out["concurrent_wall_s"]["after"]
+                                                         / out["one_request_wall_s"]["before"])
+    return out
+
+
+def _get(run: dict, keys: tuple[str, ...]):
+    for key in keys:
+        run = run.get(key) if isinstance(run, dict) else None
+    return run
+
+
 def machine() -> dict:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "")
@@ -222,7 +262,8 @@ def main() -> int:
     parser.add_argument("--index-dir", type=Path, default=DEFAULT_INDEX_DIR, help="the vital-articles index")
     parser.add_argument("--singles", type=int, default=40, help="one-client requests")
     parser.add_argument("--clients", type=int, default=200, help="concurrent one-query clients")
-    parser.add_argument("--big-queries", type=int, default=128, help="queries of the large request")
+    parser.add_argument("--rounds", type=int, default=3, help="times each scenario runs on each server (medians)")
+    parser.add_argument("--big-queries", type=int, default=64, help="queries of the large request")
     parser.add_argument("--big-topk", type=int, default=1000, help="topk of the large request")
     parser.add_argument("--probe-limit-s", type=float, default=120, help="stop probing after this long")
     parser.add_argument("--oversized-mb", type=float, default=5, help="size of the one-query body (0: skip)")
@@ -254,8 +295,6 @@ def main() -> int:
                                                     args.probe_limit_s),
         "beside_1024x16": lambda server: beside_large(server, questions, 1024, 16, args.probe_limit_s),
     }
-    if args.oversized_mb:
-        scenarios["oversized"] = lambda server: oversized(server, args.oversized_mb)
     with tempfile.TemporaryDirectory() as tmp:
         servers = {name: Server(path, args.index_dir, limits, Path(tmp) / f"{name}.log")
                    for name, (path, limits) in setups.items()}
@@ -263,14 +302,20 @@ def main() -> int:
             for name, server in servers.items():
                 post(server.url, questions[:8])  # warm-up
                 figures.setdefault("rss_idle_mb", {})[name] = server.rss_mb()
-            for scenario, measure in scenarios.items():
-                for name, server in servers.items():
-                    figures.setdefault(scenario, {})[name] = measure(server)
-                    print(f"{scenario} [{name}]: {json.dumps(figures[scenario][name])}", flush=True)
+            for round_ in range(args.rounds):
+                for scenario, measure in scenarios.items():
+                    for name, server in servers.items():
+                        figures.setdefault(scenario, {}).setdefault(name, []).append(measure(server))
+                        print(f"round {round_} {scenario} [{name}]: {json.dumps(figures[scenario][name][-1])}",
+                              flush=True)
+            if args.oversized_mb:  # once: the code before spends seconds of CPU on it
+                figures["oversized"] = {name: oversized(server, args.oversized_mb) for name, server in servers.items()}
             figures["load_average_after"] = os.getloadavg()
         finally:
             for server in servers.values():
                 server.stop()
+    figures["summary"] = summary(figures, list(setups))
+    print(json.dumps(figures["summary"], indent=1))
     print("load average after:", figures["load_average_after"])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
