@@ -5,9 +5,8 @@ Requests queue as jobs; the thread waits up to ``batch_wait_ms`` for more to arr
 in turns: the job at the head of the line gives as many of its next queries as fit in the room left
 (``max_batch_queries`` queries, ``max_batch_passages`` queries × topk, ``max_batch_chars`` query
 characters); a job with queries left rejoins the line at its end once its chunk is searched, behind the
-requests that arrived meanwhile. Each batch is searched with one
-``backend.search`` call per distinct topk in it (one embedding call when all its requests use the same
-topk, as agents' do), and each job's results are handed to it chunk by chunk.
+requests that arrived meanwhile. Each batch is one ``backend.search`` call with one topk per query (one
+embedding call), and each job's results are handed to it chunk by chunk.
 
 So 200 concurrent one-query requests cost a couple of batches, not 200 searches; and a request of a
 thousand queries is searched a batch at a time, with any other request's queries in the next batch:
@@ -188,27 +187,27 @@ class MicroBatcher:
         return pending
 
     def _search(self, batch: list[Chunk]) -> None:
-        """Search ``batch`` (one backend call per distinct k) and hand each job its chunk's results."""
+        """Search ``batch`` in one backend call (one embedding call) and hand each job its chunk's results."""
         started = time.perf_counter()
-        self.batches.observe(sum(chunk.stop - chunk.start for chunk in batch))
-        for k, group in itertools.groupby(sorted(batch, key=_k), key=_k):
-            chunks = [chunk for chunk in group if not chunk.job.done.done()]  # cancelled or failed: skipped
-            queries = [q for chunk in chunks for q in chunk.job.queries[chunk.start : chunk.stop]]
-            if not queries:
-                continue
-            self.search_calls.inc()
-            try:
-                results = self.backend.search(queries, k)
-            except Exception as exc:  # noqa: BLE001 - the error is the answer of every request in the batch
-                for chunk in chunks:
-                    self._fail(chunk.job, exc)
-                continue
-            self.queries.inc(len(queries))
-            self.passages.inc(sum(len(hits) for hits in results))
-            offset = 0
+        chunks = [chunk for chunk in batch if not chunk.job.done.done()]  # cancelled or failed: skipped
+        queries = [q for chunk in chunks for q in chunk.job.queries[chunk.start : chunk.stop]]
+        ks = [chunk.job.k for chunk in chunks for _ in range(chunk.stop - chunk.start)]
+        self.batches.observe(len(queries))
+        if not queries:
+            return
+        self.search_calls.inc()
+        try:
+            results = self.backend.search(queries, ks)
+        except Exception as exc:  # noqa: BLE001 - the error is the answer of every request in the batch
             for chunk in chunks:
-                self._deliver(chunk, results[offset : offset + chunk.stop - chunk.start])
-                offset += chunk.stop - chunk.start
+                self._fail(chunk.job, exc)
+            return
+        self.queries.inc(len(queries))
+        self.passages.inc(sum(len(hits) for hits in results))
+        offset = 0
+        for chunk in chunks:
+            self._deliver(chunk, results[offset : offset + chunk.stop - chunk.start])
+            offset += chunk.stop - chunk.start
         self.search_seconds.inc(time.perf_counter() - started)
 
     def _deliver(self, chunk: Chunk, results: list[list[Passage]]) -> None:
@@ -228,5 +227,3 @@ class MicroBatcher:
             job.done.set_exception(exc)
 
 
-def _k(chunk: Chunk) -> int:
-    return chunk.job.k

@@ -74,6 +74,16 @@ def test_http_and_in_process_return_the_same_ids_and_scores(retriever, server_ur
     assert web_search(HttpRetriever(server_url), "Jazz") == web_search(retriever, "Jazz")
 
 
+def test_one_search_with_a_topk_per_query_equals_a_search_per_topk(retriever, server_url):
+    ks = [1 + i % 3 for i in range(len(QUERIES))]
+    mixed = retriever.search(QUERIES, ks)
+    assert [len(hits) for hits in mixed] == ks
+    assert mixed == [retriever.search([query], k)[0] for query, k in zip(QUERIES, ks)]
+    assert HttpRetriever(server_url).search(QUERIES, ks) == mixed  # the client: one request per k
+    with pytest.raises(ValueError, match="3 values of k for 2 queries"):
+        retriever.search(["a", "b"], [1, 2, 3])
+
+
 def test_response_has_search_r1_shape(server_url):
     with_scores = httpx.post(
         f"{server_url}/retrieve", json={"queries": ["Chess"], "topk": 2, "return_scores": True}
