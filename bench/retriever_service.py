@@ -3,7 +3,9 @@ request, and the cost of oversized requests; prints the figures and ratios measu
 
 Each service runs in a subprocess started from a checkout: this one with its default limits, this one with
 limits raised so that it accepts the large request (``--raised``: what chunking alone does), and with
-``--before PATH`` another checkout's (the code before a change). Each scenario runs on every server in
+``--before PATH`` another checkout's (the code before a change), as it was and with OpenMP threads
+waiting passively (``OMP_WAIT_POLICY=PASSIVE``, which ``distillery retriever serve`` now sets and this
+checkout's servers get), to tell that change from the batching's. Each scenario runs on every server in
 turn, so that a shared machine's changing load weighs on all alike. The index is the full vital-articles
 index that ``bench/retrieval.py`` builds (MiniLM, Flat).
 
@@ -71,10 +73,10 @@ serve(load_index(Path(index_dir), "minilm-l6-v2", device="cpu"), port=port, **kw
 class Server:
     """The service of ``checkout`` in a subprocess, on a free port; its peak RSS is sampled while ``watch``ing."""
 
-    def __init__(self, checkout: Path, index_dir: Path, limits: dict, log: Path):
+    def __init__(self, checkout: Path, index_dir: Path, limits: dict, log: Path, env: dict):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(checkout)}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(checkout), **env}
         self.process = subprocess.Popen(
             [sys.executable, "-c", SERVER, str(index_dir), str(self.port), json.dumps(limits)],
             cwd=checkout, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
@@ -277,13 +279,16 @@ def main() -> int:
     titles = pq.read_table(args.index_dir / "passages.parquet", columns=["title"]).column("title").to_pylist()
     rng = np.random.default_rng(0)
     questions = [f"What is known about {titles[i]}?" for i in rng.integers(0, len(titles), size=2048)]
-    setups = {"after": (ROOT, {})}
+    # This checkout's servers run as `distillery retriever serve` runs them: OpenMP threads wait passively.
+    passive = {"OMP_WAIT_POLICY": "PASSIVE"}
+    setups = {"after": (ROOT, {}, passive)}
     if args.before:
-        setups = {"before": (args.before, {}), **setups}
+        setups = {"before": (args.before, {}, {}), "before_passive_omp": (args.before, {}, passive), **setups}
     if args.raised:
-        setups["after_raised_limits"] = (ROOT, json.loads(args.raised))
-    figures: dict = {"machine": machine(), "commits": {name: commit_of(path) for name, (path, _) in setups.items()},
-                     "limits": {name: limits for name, (_, limits) in setups.items()},
+        setups["after_raised_limits"] = (ROOT, json.loads(args.raised), passive)
+    figures: dict = {"machine": machine(), "commits": {name: commit_of(path) for name, (path, _, _) in setups.items()},
+                     "limits": {name: limits for name, (_, limits, _) in setups.items()},
+                     "env": {name: env for name, (_, _, env) in setups.items()},
                      "args": {k: str(v) for k, v in vars(args).items()}}
     print(json.dumps(figures["machine"]), flush=True)
     # Every scenario runs on each server in turn (the others idle meanwhile), so that the load of a shared
@@ -296,8 +301,8 @@ def main() -> int:
         "beside_1024x16": lambda server: beside_large(server, questions, 1024, 16, args.probe_limit_s),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        servers = {name: Server(path, args.index_dir, limits, Path(tmp) / f"{name}.log")
-                   for name, (path, limits) in setups.items()}
+        servers = {name: Server(path, args.index_dir, limits, Path(tmp) / f"{name}.log", env)
+                   for name, (path, limits, env) in setups.items()}
         try:
             for name, server in servers.items():
                 post(server.url, questions[:8])  # warm-up
