@@ -293,11 +293,12 @@ def retriever(args) -> int:
     from retrieval.index import load_index, read_index_meta
     from retrieval.service import serve as serve_http
 
+    limits = load(args).retriever_service
     folder = store().find(args.index)
     meta = read_index_meta(folder)
     print(f"serving index {folder.name} ({meta['count']} passages, {meta['embedder']}) on "
           f"http://{args.host}:{args.port}/retrieve", file=sys.stderr)
-    serve_http(load_index(folder, meta["embedder"]), host=args.host, port=args.port)
+    serve_http(load_index(folder, meta["embedder"]), host=args.host, port=args.port, cfg=limits)
     return 0
 
 

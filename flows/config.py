@@ -16,6 +16,7 @@ from evaluation.evaluate import EvalConfig
 from flows.reeval_config import ReevalConfig
 from questions.datasets import with_limit
 from retrieval.index import IndexConfig
+from retrieval.service import ServiceConfig
 from tasks.resources import SearchConfig
 from training.data import SftDataConfig
 from training.opd import OpdConfig
@@ -38,6 +39,8 @@ class PipelineConfig(BaseModel):
 
     index: IndexConfig = Field(IndexConfig(), description="corpus, embedder and FAISS index of web_search")
     search: SearchConfig = Field(SearchConfig(), description="how agents reach the retriever")
+    retriever_service: ServiceConfig = Field(ServiceConfig(), description="limits and batching of "
+                                             "`distillery retriever serve`")
     sandbox: SandboxConfig = Field(SandboxConfig(), description="limits of the code sandbox")
     teacher: BackendConfig = Field(BackendConfig(), description="the teacher model and its backend")
     student: BackendConfig = Field(BackendConfig(), description="the student model and its backend (evaluation)")

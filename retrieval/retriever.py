@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +58,10 @@ class Passage:
 
 
 class SearchBackend(Protocol):
-    """Anything that answers batched top-k passage queries (in-process or remote)."""
+    """Anything that answers batched top-k passage queries (in-process or remote); ``k`` is one number for
+    all queries or one per query."""
 
-    def search(self, queries: list[str], k: int = 3) -> list[list[Passage]]: ...
+    def search(self, queries: list[str], k: int | Sequence[int] = 3) -> list[list[Passage]]: ...
 
 
 class RetrieverUnavailable(ServiceUnavailable, RuntimeError):
@@ -133,15 +134,24 @@ class Retriever:
         self.embedder = embedder
         self.meta = meta
 
-    def search(self, queries: list[str], k: int = 3) -> list[list[Passage]]:
-        """Top-``k`` passages per query, best first (fewer when the index holds fewer or IVF finds fewer)."""
-        if k < 1:
-            raise ValueError(f"k must be ≥ 1, got {k}")
+    def search(self, queries: list[str], k: int | Sequence[int] = 3) -> list[list[Passage]]:
+        """Top-``k`` passages per query, best first (fewer when the index holds fewer or IVF finds fewer).
+
+        With one ``k`` per query, the queries are still embedded in one call (the service's batches mix
+        requests); FAISS is searched once per distinct ``k``.
+        """
+        ks = _per_query(k, len(queries))
         if not queries:
             return []
         vectors = self.embedder.encode_queries(list(queries))
-        scores, ids = self.index.search(vectors, min(k, self.index.ntotal))
-        rows = self.passages.rows(ids[ids >= 0])  # FAISS pads missing hits with -1
+        ids = np.full((len(queries), max(ks)), -1, dtype=np.int64)  # FAISS pads missing hits with -1 too
+        scores = np.zeros(ids.shape, dtype=np.float32)
+        for k_value in sorted(set(ks)):
+            rows = np.flatnonzero(np.asarray(ks) == k_value)
+            found_scores, found_ids = self.index.search(vectors[rows], min(k_value, self.index.ntotal))
+            ids[rows, : found_ids.shape[1]] = found_ids
+            scores[rows, : found_ids.shape[1]] = found_scores
+        rows = self.passages.rows(ids[ids >= 0])
         return [
             [Passage(*rows[int(i)], score=float(s)) for i, s in zip(id_row, score_row) if i >= 0]
             for id_row, score_row in zip(ids, scores)
@@ -159,12 +169,18 @@ class HttpRetriever:
         self.url = url.rstrip("/")
         self._service = ServiceClient(self.url, timeout_s=timeout_s, retries=retries, backoff_s=retry_wait_s)
 
-    def search(self, queries: list[str], k: int = 3) -> list[list[Passage]]:
-        """Top-``k`` passages per query from the server; raises RetrieverUnavailable on failure."""
-        if k < 1:
-            raise ValueError(f"k must be ≥ 1, got {k}")
-        if not queries:
-            return []
+    def search(self, queries: list[str], k: int | Sequence[int] = 3) -> list[list[Passage]]:
+        """Top-``k`` passages per query from the server (one request per distinct ``k``); raises
+        RetrieverUnavailable on failure."""
+        ks = _per_query(k, len(queries))
+        found: list[list[Passage]] = [[] for _ in queries]
+        for k_value in sorted(set(ks)):
+            rows = [i for i, k_i in enumerate(ks) if k_i == k_value]
+            for row, passages in zip(rows, self._post([queries[i] for i in rows], k_value)):
+                found[row] = passages
+        return found
+
+    def _post(self, queries: list[str], k: int) -> list[list[Passage]]:
         with self._unavailable():
             body = self._service.post("/retrieve", {"queries": list(queries), "topk": k, "return_scores": True})
         results = body.get("result") if isinstance(body, dict) else None
@@ -206,6 +222,16 @@ def format_results(passages: list[Passage]) -> str:
 def web_search(retriever: SearchBackend, query: str, k: int = 3) -> str:
     """Search one query and format the top ``k`` for the agent (the paper's ``web_search`` tool)."""
     return format_results(retriever.search([query], k)[0])
+
+
+def _per_query(k: int | Sequence[int], count: int) -> list[int]:
+    """``k`` as one number per query; each must be ≥ 1."""
+    ks = [k] * count if isinstance(k, int) else list(k)
+    if len(ks) != count:
+        raise ValueError(f"{len(ks)} values of k for {count} queries")
+    if ks and min(ks) < 1:
+        raise ValueError(f"k must be ≥ 1, got {min(ks)}")
+    return ks
 
 
 def _passage_from_hit(hit: object) -> Passage:

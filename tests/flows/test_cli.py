@@ -123,3 +123,14 @@ def test_only_user_errors_are_one_line_other_exceptions_keep_their_traceback(hom
     fail_with(ValueError("a bug, not an input error"))  # before, any ValueError became a one-line "error:"
     with pytest.raises(ValueError, match="a bug"):  # uncaught: Python prints the traceback, exit code 1
         main(["--home", str(home), "query", "select 1"])
+
+
+def test_retriever_serve_makes_openmp_threads_wait_passively(monkeypatch):
+    import flows.commands
+
+    seen = {}
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(flows.commands, "dispatch", lambda args: seen.setdefault("policy",
+                                                                                os.environ["OMP_WAIT_POLICY"]))
+    main(["retriever", "serve", "--index", "x"])
+    assert seen == {"policy": "PASSIVE"}
