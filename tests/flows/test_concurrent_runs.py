@@ -28,7 +28,8 @@ def rollout_config(tmp_path):
 
 
 def start(home: Path, config: Path, api_url: str) -> subprocess.Popen:
-    env = {**os.environ, "PREFECT_API_URL": api_url, "PYTHONPATH": str(ROOT)}
+    # The builder's lines are prints that Prefect turns into INFO records (log_prints); CI runs at WARNING.
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PYTHONPATH": str(ROOT), "PREFECT_LOGGING_LEVEL": "INFO"}
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "--home", str(home), "rollout", "--config",
                              str(config)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)

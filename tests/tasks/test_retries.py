@@ -17,7 +17,7 @@ from tasks.retries import is_transient
 def test_every_stage_task_with_retries_skips_them_for_user_errors():
     tasks = [entry.build() for entry in STAGES if entry.name != "evaluate"] + [evaluate_shard, finish_evaluation]
     retried = [t for t in tasks if t.retries]
-    assert {t.name for t in retried} == {"index", "prefixes", "rollout", "evaluate-shard", "evaluate"}
+    assert {t.name for t in retried} == {"index", "prefixes", "rollout", "opd", "evaluate-shard", "evaluate"}
     for stage_task in retried:
         assert stage_task.retries == 1 and stage_task.retry_condition_fn is is_transient, stage_task.name
 
