@@ -44,8 +44,14 @@ $(VLLM_STAMP): Makefile
 demo: setup
 	$(VENV)/bin/distillery run
 
+# The tests not marked slow run on two pytest-xdist workers (most of their time is spent starting Python,
+# Prefect and subprocesses, not computing); the slow ones (real models, whole runs, each using every core)
+# then run one at a time. Both parts always run; exit status 5 (nothing selected) is no failure.
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@status=0; \
+	$(PY) -m pytest -m "not slow" -n 2 $(PYTEST_ARGS) || { code=$$?; [ $$code -eq 5 ] || status=$$code; }; \
+	$(PY) -m pytest -m slow $(PYTEST_ARGS) || { code=$$?; [ $$code -eq 5 ] || status=$$code; }; \
+	exit $$status
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -76,6 +76,10 @@ class BackendConfig(BaseModel):
         0.9, gt=0, le=1, description="vllm: fraction of GPU memory it may take"
     )
     max_model_len: int | None = Field(None, ge=1, description="vllm: context length cap (None = the model's)")
+    enforce_eager: bool = Field(
+        False, description="vllm: run the model eagerly (no torch.compile, no CUDA graphs): a CPU server starts in "
+                           "~30 s instead of 60-110 s and decodes slower; for tests and short jobs"
+    )
     kv_cache_gib: float = Field(
         2.0, gt=0, description="vllm on a CPU: KV-cache memory, GiB (on a GPU gpu_memory_utilization sizes it)"
     )

@@ -216,6 +216,7 @@ def engine_kwargs(cfg: BackendConfig, folder: Path, lora_ranks: list[int], devic
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "max_model_len": cfg.max_model_len,
         "enable_prefix_caching": True,
+        "enforce_eager": cfg.enforce_eager or None,  # None: vLLM's default (compiled)
     }
     if device == "cpu":
         kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)

@@ -494,6 +494,10 @@ def test_vllm_server_gets_the_engine_settings_as_flags_and_adapters_by_name(tmp_
     assert command[command.index("--gpu-memory-utilization") + 1] == "0.5"
     assert "--max-model-len" not in command and "--kv-cache-memory-bytes" not in command
     assert "--enable-lora" not in command and "--lora-modules" not in command
+    assert "--enforce-eager" not in command  # compiled unless asked
+    eager = cfg.model_copy(update={"enforce_eager": True})
+    assert "--enforce-eager" in server_command(tmp_path / "python", cfg.model, engine_kwargs(eager, tmp_path, [], "cpu"),
+                                               [], 8123)
 
 
 def test_lora_rank_limit_rounds_up_to_a_vllm_value(tmp_path):
@@ -520,6 +524,7 @@ def test_vllm_engine_kwargs_differ_only_where_gpu_and_cpu_do(tmp_path):
         "tensor_parallel_size": 4,
         "max_model_len": 2048,
         "enable_prefix_caching": True,
+        "enforce_eager": None,
         "gpu_memory_utilization": 0.5,
         "enable_lora": True,
         "max_loras": 2,
@@ -532,6 +537,7 @@ def test_vllm_engine_kwargs_differ_only_where_gpu_and_cpu_do(tmp_path):
         "tensor_parallel_size": 4,
         "max_model_len": 2048,
         "enable_prefix_caching": True,
+        "enforce_eager": None,
         "kv_cache_memory_bytes": 1536 * 2**20,  # not gpu_memory_utilization: a share of the host's RAM
     }
     from devices.precision import cpu_has_native_bf16

