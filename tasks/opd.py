@@ -272,6 +272,8 @@ def summarize(artifact: Artifact, iteration: int, start: ArtifactRef) -> Written
     kl = [s - t for s, t in zip(tokens.column("student_logprob").to_pylist(), tokens.column("teacher_logprob").to_pylist())]
     metrics = {"iteration": iteration, "start_adapter": start.id, "episodes": episodes.num_rows,
                "accuracy": sum(correct) / len(correct) if correct else None,
+               "episodes_scored": len(set(zip(*(tokens.column(c).to_pylist()
+                                                for c in ("dataset", "question_id", "sample_index"))))),
                "teacher_tokens_scored": tokens.num_rows, "kl_start": sum(kl) / len(kl) if kl else None,
                "steps": losses.num_rows, "update_s": sum(losses.column("step_time_s").to_pylist())}
     return {"opd_episodes": episodes.num_rows, "opd_steps": read_table(artifact.path, "opd_steps").num_rows,

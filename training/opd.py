@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent_runtime.backends import BackendConfig
 from agent_runtime.engine import AgentConfig
 from questions.datasets import DatasetConfig
-from training.examples import ExampleError, assistant_spans, validate_messages
+from training.examples import ExampleError, assistant_spans
 
 Segment = Literal["thought", "code", "final"]
 
@@ -123,7 +123,7 @@ def align_turns(tokenizer, messages: list[dict], scored_ids: list[list[int]], fi
     alone); they must be the first tokens of that turn's span in the whole rendering (the chat template
     renders history unchanged and the turn starts after a special token), else ExampleError.
     """
-    validate_messages(messages)
+    messages = episode_messages(messages)
     full, spans = assistant_spans(tokenizer, messages)
     if len(spans) != len(scored_ids):
         raise ExampleError(f"{len(spans)} assistant turns but {len(scored_ids)} scored completions")
@@ -134,6 +134,24 @@ def align_turns(tokenizer, messages: list[dict], scored_ids: list[list[int]], fi
             raise ExampleError(f"assistant turn {j + 1}: the scored tokens are not the turn's tokens in the episode")
         turns.append(AlignedTurn(j + 1, start, list(ids), token_segments(tokenizer, text, ids, final)))
     return full, turns
+
+
+def episode_messages(messages: list[dict]) -> list[dict]:
+    """``messages`` up to its last assistant turn, checked as an agent episode is sent to the model: a system
+    message, the question, then assistant turns each after one or more user messages (an observation, and at
+    the step limit the engine's separate "write the final answer" instruction). What follows the last
+    assistant turn (its observation) holds no student token. Raises ExampleError naming the message."""
+    for index, message in enumerate(messages):
+        if set(message) != {"role", "content"} or not isinstance(message["content"], str):
+            raise ExampleError(f"message {index} must be {{'role', 'content': str}}, got keys {sorted(message)}")
+        expected = {"system"} if index == 0 else {"user"} if index == 1 or messages[index - 1]["role"] == "assistant" \
+            else {"user", "assistant"}
+        if message["role"] not in expected:
+            raise ExampleError(f"message {index} has role {message['role']!r}, expected {' or '.join(sorted(expected))}")
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise ExampleError("the episode has no assistant turn")
+    return messages[: last + 1]
 
 
 def opd_example(key: tuple[str, str, int], full: list[int], turns: list[AlignedTurn], teacher: list[list[float]],

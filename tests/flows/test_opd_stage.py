@@ -46,7 +46,9 @@ def opd_config(tmp_path: Path, tiny_student: Path) -> PipelineConfig:
         "train": {"base_model": str(tiny_student), "epochs": 1, "per_device_batch_size": 2, "grad_accum": 1,
                   "lora": {"r": 4, "alpha": 8}, "max_length": 1024},
         "opd": {"iterations": 2, "samples_per_question": 2, "episodes_per_step": 2, "learning_rate": 1e-3,
-                "agent": {"prompt": "student", "temperature": 0.7, "max_steps": 2, "max_new_tokens": 64},
+                # One step, then the engine's finalising call: the observation and the "write the final answer"
+                # instruction come as two user messages before the answer (the study's longest episodes).
+                "agent": {"prompt": "student", "temperature": 0.7, "max_steps": 1, "max_new_tokens": 64},
                 "scorer": {"kind": "transformers", "model": str(tiny_student), "dtype": "float32"}},
         "evaluate": {"datasets": datasets, "num_shards": 1, "agent": {"max_steps": 2},
                      "methods": [{"name": "agent-distilled", "model": "agent_student"},
@@ -99,6 +101,8 @@ def test_two_iterations_score_every_student_token_and_the_evaluation_runs_agent_
                           f"where t.artifact_id = '{opd[1]['id']}' group by all")
     assert len(rows) == 6 * 2
     for _, _, messages_json, step, token_ids, positions, segments in rows:
+        roles = [m["role"] for m in json.loads(messages_json)]
+        assert roles[:6] == ["system", "user", "assistant", "user", "user", "assistant"]
         turns = [m["content"] for m in json.loads(messages_json) if m["role"] == "assistant"]
         assert token_ids == tokenizer(turns[step - 1], add_special_tokens=False).input_ids
         assert positions == list(range(len(token_ids)))

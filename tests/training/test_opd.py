@@ -46,6 +46,20 @@ def test_only_the_assistant_turns_tokens_carry_loss(smollm_tokenizer):
     assert "code" in example.segments[:len(turns[0].token_ids)]
 
 
+def test_an_episode_that_hit_the_step_limit_is_aligned_whole(smollm_tokenizer):
+    """At the step limit the engine sends the last observation and its "final answer" instruction as two user
+    messages before the final turn, and the stored episode ends with that turn's observation."""
+    limit = [*CONVERSATION[:4], {"role": "user", "content": "You have reached the maximum number of steps."},
+             *CONVERSATION[4:], {"role": "user", "content": "Observation:\n5"}]
+    full, turns = align_turns(smollm_tokenizer, limit, turn_ids(smollm_tokenizer), [False, True])
+    assert [t.step for t in turns] == [1, 2]
+    assert [full[t.start:t.start + len(t.token_ids)] for t in turns] == turn_ids(smollm_tokenizer)
+    rendered = smollm_tokenizer.apply_chat_template(limit[:-1], tokenize=False)
+    assert full == smollm_tokenizer(rendered, add_special_tokens=False).input_ids  # the trailing observation is cut
+    with pytest.raises(ExampleError, match="message 3 has role 'assistant', expected user"):
+        align_turns(smollm_tokenizer, [*CONVERSATION[:3], *CONVERSATION[2:]], turn_ids(smollm_tokenizer) * 2, [False] * 3)
+
+
 def test_the_loss_reads_only_the_logits_that_predict_generated_tokens(tiny_student, smollm_tokenizer):
     from transformers import AutoModelForCausalLM
 
