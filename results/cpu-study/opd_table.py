@@ -21,15 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from storage.catalog import query
 
 ITERATIONS = """
-select a.id, (a.config::json ->> 'iteration')::int as iteration, a.metrics
+select a.id, (a.config::json ->> 'iteration')::int as iteration, a.metrics,
+       (select count(distinct (t.dataset, t.question_id, t.sample_index)) from opd_tokens t
+        where t.artifact_id = a.id) as episodes_scored
 from artifacts a where a.stage = 'opd' and a.state = 'complete' order by iteration
 """
 KL = """
 select iteration, segment, sum(tokens) as tokens, sum(kl * tokens) / sum(tokens) as kl
 from token_kl group by all order by iteration, segment
 """
-COLUMNS = ("iteration", "artifact", "start_adapter", "episodes", "accuracy", "teacher_tokens_scored", "kl_start",
-           "steps", "update_s")
+COLUMNS = ("iteration", "artifact", "start_adapter", "episodes", "accuracy", "episodes_scored",
+           "teacher_tokens_scored", "kl_start", "steps", "update_s")
 
 
 def main() -> int:
@@ -38,8 +40,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     args = parser.parse_args()
     rows = []
-    for artifact, iteration, metrics in query(args.home, ITERATIONS)[1]:
-        m = json.loads(metrics)
+    for artifact, iteration, metrics, scored in query(args.home, ITERATIONS)[1]:
+        m = json.loads(metrics) | {"episodes_scored": scored}  # counted here: iterations made before it was a metric
         rows.append({"iteration": iteration, "artifact": artifact, **{k: m.get(k) for k in COLUMNS[2:]}})
     with (args.out / "opd.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, COLUMNS)
