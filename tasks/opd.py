@@ -140,7 +140,7 @@ def score_tokens(artifact: Artifact, cfg: PipelineConfig, iteration: int, start:
         if example is not None:
             examples.append(example)
     progress = Progress(len(examples), f"opd {iteration}: student log-probs")
-    fill_old_logprobs(model, examples, device, on_progress=progress.update)
+    fill_old_logprobs(model, examples, device, on_progress=progress.update, precision=cfg.train.precision)
     progress.close()
     atomic_write_table(artifact.path / "opd_tokens.parquet", tokens_table(examples, artifact.ref.id, iteration),
                        OPD_TOKENS)
@@ -238,7 +238,8 @@ def update_adapter(artifact: Artifact, cfg: PipelineConfig, iteration: int, star
         raise ExampleError(f"opd iteration {iteration}: no student episode could be scored ({artifact.path})")
     steps = -(-len(examples) * cfg.opd.epochs // cfg.opd.episodes_per_step)
     progress = Progress(steps, f"opd {iteration}: reverse-KL update")
-    rows = train_iteration(model, examples, cfg.opd, iteration, device, on_step=lambda step, _n: progress.update(step))
+    rows = train_iteration(model, examples, cfg.opd, iteration, device, on_step=lambda step, _n: progress.update(step),
+                           precision=cfg.train.precision)
     progress.close()
     atomic_write_table(artifact.path / "opd_losses.parquet", pa.Table.from_pylist(rows, schema=OPD_LOSSES), OPD_LOSSES)
     plot_kl(rows, artifact.path / "kl.png")

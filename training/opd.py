@@ -175,11 +175,12 @@ def opd_example(key: tuple[str, str, int], full: list[int], turns: list[AlignedT
 
 # ----------------------------------------------------------------------------- the model
 
-def autocast(device: torch.device):
-    """bf16 autocast where the CPU (or GPU) multiplies bf16 natively, as the SFT stage trains; else float32."""
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast as the SFT stage trains (``TrainConfig.precision``; auto: where the CPU or GPU multiplies
+    bf16 natively), else float32."""
     from devices.precision import resolve_dtype
 
-    if resolve_dtype("auto", device.type) == "bfloat16":
+    if resolve_dtype(precision, device.type) == "bfloat16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
 
@@ -200,24 +201,24 @@ def load_student(base_model: str, adapter: Path, device: torch.device) -> tuple[
     return model, AutoTokenizer.from_pretrained(folder)
 
 
-def token_logprobs(model, example: OpdExample, device: torch.device) -> torch.Tensor:
+def token_logprobs(model, example: OpdExample, device: torch.device, precision: str = "auto") -> torch.Tensor:
     """log π(x_t | x_<t) of the example's scored tokens under ``model`` (graph kept when grad is enabled).
 
     Only the logits that predict scored tokens are computed (``logits_to_keep``): the LM head over a
     152k-token vocabulary would otherwise cost as much as the rest of a 0.5B model for every position."""
     ids = torch.tensor([example.input_ids], device=device)
     positions = torch.tensor(example.positions, device=device)
-    with autocast(device):
+    with autocast(device, precision):
         logits = model(input_ids=ids, use_cache=False, logits_to_keep=positions - 1).logits[0]
     return logits.float().log_softmax(-1).gather(-1, ids[0, positions].view(-1, 1)).view(-1)
 
 
 def fill_old_logprobs(model, examples: list[OpdExample], device: torch.device,
-                      on_progress: Callable[[int], None] | None = None) -> None:
+                      on_progress: Callable[[int], None] | None = None, precision: str = "auto") -> None:
     """Set each example's ``old``: its log-probs under the sampling adapter (before any update)."""
     with torch.no_grad():
         for index, example in enumerate(examples):
-            example.old = token_logprobs(model, example, device).tolist()
+            example.old = token_logprobs(model, example, device, precision).tolist()
             if on_progress:
                 on_progress(index + 1)
 
@@ -234,7 +235,7 @@ def opd_loss(logprobs: torch.Tensor, old: torch.Tensor, teacher: torch.Tensor, k
 
 
 def train_iteration(model, examples: list[OpdExample], cfg: OpdConfig, iteration: int, device: torch.device,
-                    on_step: Callable[[int, int], None] | None = None) -> list[dict]:
+                    on_step: Callable[[int, int], None] | None = None, precision: str = "auto") -> list[dict]:
     """``cfg.epochs`` passes of reverse-KL updates over ``examples`` (their ``old`` filled); one loss row per
     optimizer step: step, loss, kl (mean k1 estimate on the step's tokens under π_old), tokens, clipped."""
     generator = torch.Generator().manual_seed(cfg.seed + iteration)
@@ -250,7 +251,7 @@ def train_iteration(model, examples: list[OpdExample], cfg: OpdConfig, iteration
         loss_sum, kl_sum, clipped = 0.0, 0.0, 0
         for i in batch:
             example = examples[i]
-            logprobs = token_logprobs(model, example, device)
+            logprobs = token_logprobs(model, example, device, precision)
             loss, stats = opd_loss(logprobs, torch.tensor(example.old, device=device),
                                    torch.tensor(example.teacher, device=device), cfg.kl_clip)
             (loss / total).backward()
@@ -269,12 +270,12 @@ def train_iteration(model, examples: list[OpdExample], cfg: OpdConfig, iteration
     return rows
 
 
-def mean_kl(model, examples: list[OpdExample], device: torch.device) -> float:
+def mean_kl(model, examples: list[OpdExample], device: torch.device, precision: str = "auto") -> float:
     """Mean over tokens of log π_θ − log π_T on the examples' tokens (the k1 reverse-KL estimate)."""
     total, count = 0.0, 0
     with torch.no_grad():
         for example in examples:
-            lp = token_logprobs(model, example, device)
+            lp = token_logprobs(model, example, device, precision)
             total += float((lp - torch.tensor(example.teacher, device=device)).sum())
             count += lp.numel()
     return total / max(count, 1)

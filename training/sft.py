@@ -89,6 +89,10 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     log_every: int = Field(1, ge=1, description="record the loss every this many steps")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="compute precision (float32 weights either way): auto = bf16 autocast on a GPU and on "
+                            "a CPU with native bf16, else float32; float32 reproduces a CPU without native bf16"
+    )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -234,14 +238,14 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def make_accelerator(cfg: TrainConfig):
-    """The one place that picks the device and precision: bf16 autocast on CUDA and on CPUs with native
-    bf16 matmuls (float32 weights there), else float32. Without CUDA the Accelerator is put on the CPU,
+    """The one place that picks the device and precision: ``cfg.precision``; auto is bf16 autocast on CUDA
+    and on CPUs with native bf16 matmuls (float32 weights there), else float32. Without CUDA the Accelerator is put on the CPU,
     so that processes started by ``accelerate launch`` (configs/accelerate/cpu_ddp.yaml) join one
     torch.distributed group over gloo instead of each training alone."""
     from accelerate import Accelerator
 
     on_gpu = torch.cuda.is_available()
-    precision = "bf16" if resolve_dtype("auto", "cuda" if on_gpu else "cpu") == "bfloat16" else "no"
+    precision = "bf16" if resolve_dtype(cfg.precision, "cuda" if on_gpu else "cpu") == "bfloat16" else "no"
     return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision, cpu=not on_gpu)
 
 

@@ -82,3 +82,25 @@ def test_an_explicit_dtype_is_itself_everywhere(probe, native, dtype, torch_dtyp
     assert backend_dtype(dtype, torch.device(device)) == torch_dtype
     assert resolve_precision(dtype, device) == dtype
     assert calls == []
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize(("precision", "mixed_precision", "autocast_enabled"), [
+    ("float32", "no", False), ("bfloat16", "bf16", True),
+])
+def test_the_training_precision_setting_overrides_the_probe(probe, monkeypatch, native, precision, mixed_precision,
+                                                            autocast_enabled):
+    """train.precision: the study's float32 students on a CPU with native bf16 (and bf16 asked on one without);
+    the OPD update follows the same setting."""
+    from training.opd import autocast
+
+    probe(native)
+    made = []
+    monkeypatch.setattr("accelerate.Accelerator", lambda **kwargs: made.append(kwargs) or kwargs)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    make_accelerator(TrainConfig(grad_accum=2, precision=precision))
+    assert made == [{"gradient_accumulation_steps": 2, "mixed_precision": mixed_precision, "cpu": True}]
+    with autocast(torch.device("cpu"), precision):
+        assert torch.is_autocast_enabled("cpu") is autocast_enabled
+    with autocast(torch.device("cpu")):  # auto follows the probe
+        assert torch.is_autocast_enabled("cpu") is native
