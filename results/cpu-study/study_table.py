@@ -28,6 +28,8 @@ ROWS = (
     "cot-distilled+rag",
     "agent-distilled",
     "agent-distilled+sag",
+    "agent-opd",
+    "agent-opd+sag",
     "teacher-cot",
     "teacher-agent",
 )
@@ -50,6 +52,8 @@ order by m.method, m.dataset
 # (row, baseline): a row evaluated on fewer questions is compared with its baseline on the questions both have.
 PAIRS = (
     ("agent-distilled+sag", "agent-distilled"),
+    ("agent-opd", "agent-distilled"),
+    ("agent-opd+sag", "agent-distilled+sag"),
     ("teacher-agent", "agent-distilled"),
     ("teacher-cot", "cot"),
     ("teacher-cot", "agent-distilled"),
