@@ -135,7 +135,7 @@ def markdown(cells: dict) -> str:
         + " | average | paper avg (0.5B) | paper GSM-Hard |"
     )
     lines = [head, "|---|" + "---:|" * (len(COLUMNS) + 3)]
-    for method in ROWS:
+    for method in (m for m in ROWS if any((m, c) in cells for c in COLUMNS)):  # rows not made yet are left out
         row = [
             f"{cells[(method, c)][0]:.1f} (n={cells[(method, c)][1]})" if (method, c) in cells else "—"
             for c in COLUMNS
