@@ -86,17 +86,24 @@ def cot_messages(system_prompt: str, question: str, solution: str) -> list[dict]
     ]
 
 
-def validate_messages(messages: list[dict]) -> None:
+def validate_messages(messages: list[dict], repeated_user: bool = False) -> None:
     """Raise ExampleError unless ``messages`` is system, user, then user/assistant alternating, ending
-    with an assistant turn, every message a ``{"role", "content": str}`` dict."""
+    with an assistant turn, every message a ``{"role", "content": str}`` dict. ``repeated_user``: an
+    assistant turn may follow several user messages (an agent episode as the engine sends it)."""
     if len(messages) < 3:
         raise ExampleError(f"a chat example needs system, user and assistant messages, got {len(messages)}")
     for index, message in enumerate(messages):
         if set(message) != {"role", "content"} or not isinstance(message["content"], str):
             raise ExampleError(f"message {index} must be {{'role', 'content': str}}, got keys {sorted(message)}")
-        expected = "system" if index == 0 else ("user" if index % 2 == 1 else "assistant")
-        if message["role"] != expected:
-            raise ExampleError(f"message {index} has role {message['role']!r}, expected {expected!r}")
+        if index == 0:
+            expected = ("system",)
+        elif repeated_user and index > 1 and messages[index - 1]["role"] == "user":
+            expected = ("user", "assistant")
+        else:
+            expected = ("user",) if index == 1 or messages[index - 1]["role"] == "assistant" else ("assistant",)
+        if message["role"] not in expected:
+            raise ExampleError(f"message {index} has role {message['role']!r}, "
+                               f"expected {' or '.join(repr(role) for role in expected)}")
     if messages[-1]["role"] != "assistant":
         raise ExampleError("a chat example must end with an assistant message")
 

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent_runtime.backends import BackendConfig
 from agent_runtime.engine import AgentConfig
 from questions.datasets import DatasetConfig
-from training.examples import ExampleError, assistant_spans
+from training.examples import ExampleError, assistant_spans, validate_messages
 
 Segment = Literal["thought", "code", "final"]
 
@@ -141,16 +141,8 @@ def episode_messages(messages: list[dict]) -> list[dict]:
     message, the question, then assistant turns each after one or more user messages (an observation, and at
     the step limit the engine's separate "write the final answer" instruction). What follows the last
     assistant turn (its observation) holds no student token. Raises ExampleError naming the message."""
-    for index, message in enumerate(messages):
-        if set(message) != {"role", "content"} or not isinstance(message["content"], str):
-            raise ExampleError(f"message {index} must be {{'role', 'content': str}}, got keys {sorted(message)}")
-        expected = {"system"} if index == 0 else {"user"} if index == 1 or messages[index - 1]["role"] == "assistant" \
-            else {"user", "assistant"}
-        if message["role"] not in expected:
-            raise ExampleError(f"message {index} has role {message['role']!r}, expected {' or '.join(sorted(expected))}")
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        raise ExampleError("the episode has no assistant turn")
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages) - 1)
+    validate_messages(messages[: last + 1], repeated_user=True)
     return messages[: last + 1]
 
 

@@ -56,7 +56,7 @@ def test_an_episode_that_hit_the_step_limit_is_aligned_whole(smollm_tokenizer):
     assert [full[t.start:t.start + len(t.token_ids)] for t in turns] == turn_ids(smollm_tokenizer)
     rendered = smollm_tokenizer.apply_chat_template(limit[:-1], tokenize=False)
     assert full == smollm_tokenizer(rendered, add_special_tokens=False).input_ids  # the trailing observation is cut
-    with pytest.raises(ExampleError, match="message 3 has role 'assistant', expected user"):
+    with pytest.raises(ExampleError, match="message 3 has role 'assistant', expected 'user'"):
         align_turns(smollm_tokenizer, [*CONVERSATION[:3], *CONVERSATION[2:]], turn_ids(smollm_tokenizer) * 2, [False] * 3)
 
 
