@@ -1,7 +1,7 @@
 """The run's scratch folder: every temporary file or folder the project makes lives in it.
 
 ``scratch_dir()`` is ``$TMPDIR/distillery-<pid>-<start>-<random>``, made on first use by the process that
-asks first (its owner; ``<start>`` is the owner's start time in 1/100 s since the epoch) and removed when
+asks first (its owner; ``<start>`` is the owner's start time in 1/100 s since the machine booted) and removed when
 the owner exits normally. Child processes inherit its path (``DISTILLERY_SCRATCH``) and use it instead of
 making their own (unless given another $TMPDIR), so one folder holds a whole run: llama.cpp's slot files
 and logs, sandbox folders.
@@ -32,6 +32,7 @@ import psutil
 SCRATCH_VARIABLE = "DISTILLERY_SCRATCH"
 _NAME = re.compile(r"distillery-(\d+)-(\d+)-[0-9a-f]+")
 
+_TICKS = os.sysconf("SC_CLK_TCK")
 _lock = threading.Lock()
 _owned: Path | None = None  # the folder this process made (and removes at exit)
 _owner_pid: int | None = None  # a forked child inherits _owned, but the folder is not its to remove
@@ -82,9 +83,16 @@ def sweep(tmp: Path | None = None) -> list[Path]:
 
 
 def _start_time(pid: int) -> int:
-    # psutil derives it from the boot time and the process's start in clock ticks (1/100 s on Linux), so
-    # the same process always gets the same number.
-    return round(psutil.Process(pid).create_time() * 100)
+    # The process's start in clock ticks since boot (1/100 s on Linux): fixed for the process's life. Not
+    # create_time() since the epoch: psutil adds the boot time read from /proc/stat at each call, which
+    # follows the wall clock (NTP, a VM's clock steps) and can move by a second, after which a live run's
+    # folder would look orphaned and another run's sweep would remove it under it.
+    # Field 22 of /proc/<pid>/stat (after the command name, which may hold spaces and parentheses).
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError) as gone:
+        raise psutil.NoSuchProcess(pid) from gone
+    return round(int(fields[19]) * 100 / _TICKS)
 
 
 def _owner_alive(pid: int, start: int) -> bool:

@@ -9,7 +9,7 @@ import textwrap
 
 import psutil
 
-from common.scratch import SCRATCH_VARIABLE, sweep
+from common.scratch import SCRATCH_VARIABLE, _start_time, sweep
 
 
 def python(code: str, tmp, args: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -21,10 +21,10 @@ def python(code: str, tmp, args: tuple[str, ...] = ()) -> subprocess.Popen:
 
 def test_sweep_removes_the_folders_of_dead_owners_and_keeps_the_live_ones(tmp_path):
     ended = psutil.Popen([sys.executable, "-c", "pass"])
-    ended_start = round(ended.create_time() * 100)
+    ended_start = _start_time(ended.pid)
     ended.wait()
     me = psutil.Process()
-    my_start = round(me.create_time() * 100)
+    my_start = _start_time(me.pid)
     dead = tmp_path / f"distillery-{ended.pid}-{ended_start}-0a1b"
     reused = tmp_path / f"distillery-{me.pid}-{my_start - 500}-0a1b"  # our pid, an earlier process's start
     live = tmp_path / f"distillery-{me.pid}-{my_start}-0a1b"
@@ -34,6 +34,19 @@ def test_sweep_removes_the_folders_of_dead_owners_and_keeps_the_live_ones(tmp_pa
     assert sorted(sweep(tmp_path)) == sorted([dead, reused])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, *others))
     assert (live / "inside").is_dir()
+
+
+def test_a_live_runs_folder_is_kept_when_the_wall_clock_moves(tmp_path, monkeypatch):
+    """The boot time psutil adds to a start time follows the wall clock (/proc/stat's btime can move by a
+    second under NTP or a VM's clock step); a live owner's folder must survive a sweep after such a step."""
+    from psutil import _pslinux
+
+    live = tmp_path / f"distillery-{os.getpid()}-{_start_time(os.getpid())}-0a1b"
+    live.mkdir()
+    real = _pslinux.boot_time
+    for step in (-1.0, 1.0):
+        monkeypatch.setattr(_pslinux, "boot_time", lambda step=step: real() + step)
+        assert sweep(tmp_path) == [] and live.is_dir()
 
 
 def test_scratch_is_shared_with_children_and_removed_at_exit(tmp_path):
