@@ -154,6 +154,7 @@ OPD_LOSSES = pa.schema([
     ("kl", pa.float64()),               # mean k1 reverse-KL estimate (log π_old − log π_T) on the step's tokens
     ("tokens", pa.int64()),
     ("clipped", pa.int64()),            # tokens whose advantage was clipped to ±kl_clip
+    ("baseline", pa.float64()),         # b subtracted from the step's advantages (0 with opd.baseline: none)
     ("episodes", pa.int64()),
     ("step_time_s", pa.float64()),
 ])

@@ -9,15 +9,22 @@ on the same messages); this module aligns those scores with the student's own to
 The objective is the per-token reverse KL, KL(π_student ‖ π_teacher), on the student's own samples. Its
 estimator is the sampled one used for on-policy distillation (a policy gradient with a per-token reward):
 
-    A_t    = clip(log π_T(x_t | x_<t) − log π_old(x_t | x_<t), −kl_clip, kl_clip)       (detached)
+    A_t    = clip(log π_T(x_t | x_<t) − log π_old(x_t | x_<t), −kl_clip, kl_clip) − b       (detached)
     loss   = − Σ_t A_t · exp(log π_θ(x_t | x_<t) − log π_old(x_t | x_<t))  /  Σ_t 1
 
 over the tokens the student generated (prompt, system, observation and template tokens carry no loss), where
 π_old is the adapter the episodes were sampled with, evaluated by this module's model in float (its value
 is stored beside the teacher's). At θ = old the ratio is 1 and the gradient is Σ_t A_t ∇ log π_θ(x_t), the
 REINFORCE gradient of E[Σ_t log π_T − log π_θ] with the per-token reward; the ratio keeps the later micro-
-batches of an iteration on-policy (importance weight). ``−mean(A_t)`` before clipping is the k1 estimate of the
-reverse KL reported per step, iteration, dataset and segment.
+batches of an iteration on-policy (importance weight). ``−mean(A_t)`` before clipping (and without b) is the k1
+estimate of the reverse KL reported per step, iteration, dataset and segment.
+
+The baseline b is 0 (``baseline: none``, the estimator as published) or, with ``baseline: batch_mean``, the mean
+clipped advantage over the optimizer step's tokens. A constant b leaves the expected gradient unchanged
+(E[∇ log π_θ] = 0 under the student's own samples) and only lowers its variance: without it, when the teacher
+rates nearly every sampled token below the student (A_t < 0 on average, as early in distillation), each step
+pushes down whatever was sampled, and with few episodes per step that noise decides which behaviour shrinks.
+With b the tokens the teacher rates above the step's average are raised and those below it lowered.
 
 Differences from a GPU implementation, stated: the episodes are sampled by the project's student backend
 (llama.cpp's quantised model with the adapter on a CPU), while π_old and π_θ are the de-quantised model
@@ -66,6 +73,9 @@ class OpdConfig(BaseModel):
     episodes_per_step: int = Field(8, ge=1, description="episodes per optimizer step")
     epochs: int = Field(1, ge=1, description="passes over an iteration's episodes")
     kl_clip: float = Field(5.0, gt=0, description="clip of the per-token advantage log π_T − log π_old (nats)")
+    baseline: Literal["none", "batch_mean"] = Field(
+        "none", description="subtracted from the clipped advantage: none (as published) or batch_mean, the "
+                            "mean over the optimizer step's tokens (same expected gradient, lower variance)")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     max_length: int = Field(4096, ge=8, description="longest episode in tokens; longer ones are cut after the "
                                                     "last assistant turn that fits")
@@ -215,21 +225,31 @@ def fill_old_logprobs(model, examples: list[OpdExample], device: torch.device,
                 on_progress(index + 1)
 
 
-def opd_loss(logprobs: torch.Tensor, old: torch.Tensor, teacher: torch.Tensor, kl_clip: float
-             ) -> tuple[torch.Tensor, dict]:
+def opd_loss(logprobs: torch.Tensor, old: torch.Tensor, teacher: torch.Tensor, kl_clip: float,
+             baseline: float = 0.0) -> tuple[torch.Tensor, dict]:
     """The summed per-token loss of one episode (see the module docstring) and its statistics."""
     log_ratio = teacher - old
-    advantage = log_ratio.clamp(-kl_clip, kl_clip)
+    advantage = log_ratio.clamp(-kl_clip, kl_clip) - baseline
     loss = -(advantage * torch.exp(logprobs - old)).sum()
     stats = {"tokens": int(old.numel()), "kl_sum": float(-log_ratio.sum()),
              "clipped": int((log_ratio.abs() > kl_clip).sum())}
     return loss, stats
 
 
+def step_baseline(examples: list[OpdExample], batch: list[int], cfg: OpdConfig) -> float:
+    """The baseline b of one optimizer step over the episodes ``batch`` (see the module docstring)."""
+    if cfg.baseline == "none":
+        return 0.0
+    advantages = [max(-cfg.kl_clip, min(cfg.kl_clip, t - o))
+                  for i in batch for t, o in zip(examples[i].teacher, examples[i].old)]
+    return sum(advantages) / max(len(advantages), 1)
+
+
 def train_iteration(model, examples: list[OpdExample], cfg: OpdConfig, iteration: int, device: torch.device,
                     on_step: Callable[[int, int], None] | None = None, precision: str = "auto") -> list[dict]:
     """``cfg.epochs`` passes of reverse-KL updates over ``examples`` (their ``old`` filled); one loss row per
-    optimizer step: step, loss, kl (mean k1 estimate on the step's tokens under π_old), tokens, clipped."""
+    optimizer step: step, loss, kl (mean k1 estimate on the step's tokens under π_old), tokens, clipped,
+    baseline (the b subtracted)."""
     generator = torch.Generator().manual_seed(cfg.seed + iteration)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
@@ -239,13 +259,14 @@ def train_iteration(model, examples: list[OpdExample], cfg: OpdConfig, iteration
     for step, batch in enumerate(batches, start=1):
         started = time.perf_counter()
         total = sum(len(examples[i].positions) for i in batch)
+        baseline = step_baseline(examples, batch, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss_sum, kl_sum, clipped = 0.0, 0.0, 0
         for i in batch:
             example = examples[i]
             logprobs = token_logprobs(model, example, device, precision)
             loss, stats = opd_loss(logprobs, torch.tensor(example.old, device=device),
-                                   torch.tensor(example.teacher, device=device), cfg.kl_clip)
+                                   torch.tensor(example.teacher, device=device), cfg.kl_clip, baseline)
             (loss / total).backward()
             loss_sum += float(loss.detach())
             kl_sum += stats["kl_sum"]
@@ -255,7 +276,7 @@ def train_iteration(model, examples: list[OpdExample], cfg: OpdConfig, iteration
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         rows.append({"iteration": iteration, "step": step, "loss": loss_sum / total, "kl": kl_sum / total,
-                     "tokens": total, "clipped": clipped, "episodes": len(batch),
+                     "tokens": total, "clipped": clipped, "baseline": baseline, "episodes": len(batch),
                      "step_time_s": time.perf_counter() - started})
         if on_step:
             on_step(step, len(batches))

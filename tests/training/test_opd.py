@@ -14,6 +14,7 @@ from training.opd import (
     align_turns,
     opd_example,
     opd_loss,
+    step_baseline,
     token_logprobs,
     train_iteration,
 )
@@ -99,6 +100,24 @@ def test_the_estimator_is_the_reinforce_gradient_with_the_clipped_log_ratio():
     assert stats == {"tokens": 3, "kl_sum": pytest.approx(-0.5 + 7.0 + 0.0), "clipped": 1}
 
 
+def test_the_batch_mean_baseline_is_the_steps_mean_clipped_advantage_and_shifts_every_tokens_gradient():
+    examples = [OpdExample(("d", "q", 0), [], [], teacher=[-0.5, -9.0], old=[-1.0, -2.0], steps=[], segments=[]),
+                OpdExample(("d", "q", 1), [], [], teacher=[-3.0], old=[-3.0], steps=[], segments=[]),
+                OpdExample(("d", "q", 2), [], [], teacher=[0.0], old=[-4.0], steps=[], segments=[])]
+    mean = OpdConfig(kl_clip=2.0, baseline="batch_mean")
+    # clipped advantages of episodes 0 and 1: 0.5, -2.0 (clipped from -7.0), 0.0; episode 2 is not in the step
+    assert step_baseline(examples, [0, 1], mean) == pytest.approx(-0.5)
+    assert step_baseline(examples, [2], mean) == pytest.approx(2.0)
+    assert step_baseline(examples, [0, 1], OpdConfig(kl_clip=2.0)) == 0.0
+    logprobs = torch.tensor([-1.0, -2.0, -3.0], requires_grad=True)
+    loss, stats = opd_loss(logprobs, logprobs.detach().clone(), torch.tensor([-0.5, -9.0, -3.0]), kl_clip=2.0,
+                           baseline=-0.5)
+    loss.backward()
+    assert logprobs.grad.tolist() == pytest.approx([-1.0, 1.5, -0.5])
+    assert float(loss) == pytest.approx(0.0)  # at π = π_old the advantages minus their mean sum to zero
+    assert stats["kl_sum"] == pytest.approx(6.5)  # the reported KL does not include the baseline
+
+
 def test_misaligned_scores_are_refused(smollm_tokenizer):
     ids = turn_ids(smollm_tokenizer)
     ids[1] = ids[1][1:]  # not the turn's tokens
@@ -120,7 +139,9 @@ def sampled_reverse_kl(student, examples: list[OpdExample]) -> float:
     return total / count
 
 
-def test_one_iteration_on_its_own_samples_lowers_the_students_reverse_kl(tiny_student, smollm_tokenizer, tmp_path):
+@pytest.mark.parametrize("baseline", ["none", "batch_mean"])
+def test_one_iteration_on_its_own_samples_lowers_the_students_reverse_kl(tiny_student, smollm_tokenizer, tmp_path,
+                                                                         baseline):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -160,8 +181,9 @@ def test_one_iteration_on_its_own_samples_lowers_the_students_reverse_kl(tiny_st
         for example in examples:
             example.old = token_logprobs(student, example, torch.device("cpu")).tolist()
     before = sampled_reverse_kl(student, examples)
-    cfg = OpdConfig(learning_rate=1e-2, episodes_per_step=2, epochs=1, kl_clip=5.0)
+    cfg = OpdConfig(learning_rate=1e-2, episodes_per_step=2, epochs=1, kl_clip=5.0, baseline=baseline)
     rows = train_iteration(student, examples, cfg, iteration=1, device=torch.device("cpu"))
     after = sampled_reverse_kl(student, examples)
     assert len(rows) == -(-len(examples) * cfg.epochs // cfg.episodes_per_step) and all(r["tokens"] > 0 for r in rows)
+    assert all((r["baseline"] == 0.0) == (baseline == "none") for r in rows)
     assert after < 0.7 * before, (before, after)
