@@ -24,6 +24,7 @@ supervisor's reaper).
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import ctypes
 import os
@@ -73,6 +74,29 @@ def project_env(environ: Mapping[str, str] | None = None, **extra: str) -> dict[
     if paths[:1] != [str(PROJECT_ROOT)]:
         env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *paths])
     return env
+
+
+def relay(stream, out, hold: Callable[[str], bool] = lambda line: False) -> list[str]:
+    """Copy ``stream`` (a child's stderr, bytes) to ``out`` as it arrives, whole lines at a time (a progress
+    bar's ``\\r`` updates pass as they come), and return the lines ``hold`` kept back instead."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending, held = "", []
+
+    def emit(lines: str) -> None:
+        for line in lines.splitlines(keepends=True):
+            if hold(line):
+                held.append(line)
+            else:
+                out.write(line)
+        out.flush()
+
+    for chunk in iter(lambda: stream.read1(65536), b""):
+        pending += decoder.decode(chunk)
+        cut = max(pending.rfind("\n"), pending.rfind("\r")) + 1
+        complete, pending = pending[:cut], pending[cut:]
+        emit(complete)
+    emit(pending + decoder.decode(b"", final=True))
+    return held
 
 
 def tail(log: Path, lines: int = 20) -> list[str]:

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,8 +26,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from agent_runtime.backends import BackendConfig
-from common.errors import UserError
+from common.errors import REPORT_MARK, UserError, reported_error
 from models.files import check_adapter
+from services.processes import relay
 from storage.catalog import read_table
 from storage.schemas import METRICS
 from storage.store import ArtifactError, ArtifactRef, StagePlan, student_adapters
@@ -123,15 +125,24 @@ def evaluate_shard(job: ShardJob, pin: ShardPin | None = None) -> int:
     job_path = job.eval_ref.path / "jobs" / f"shard-{job.part:05d}.json"
     job_path.parent.mkdir(parents=True, exist_ok=True)
     job_path.write_text(job.model_dump_json())
-    done = subprocess.run([sys.executable, "-m", "tasks.shard_worker", str(job_path)],
-                          env={**os.environ, **pin.env()}, check=False)
-    if done.returncode != 0:
+    worker = subprocess.Popen([sys.executable, "-m", "tasks.shard_worker", str(job_path)],
+                              env={**os.environ, **pin.env()}, stderr=subprocess.PIPE)
+    # Its stderr (progress, logs) passes through; a user error's report line is held back and raised here.
+    # Read in a thread, so that a grandchild still holding the pipe cannot keep this task waiting.
+    held: list[str] = []
+    reader = threading.Thread(target=relay, daemon=True, args=(worker.stderr, sys.stderr),
+                              kwargs={"hold": lambda line: REPORT_MARK in line and not held.append(line)})
+    reader.start()
+    worker.wait()
+    reader.join(timeout=10)
+    if worker.returncode != 0:
         method, dataset = job.cfg.methods[job.method_index].name, job.cfg.datasets[job.dataset_index].name
-        if job_path.with_suffix(".error").is_file():  # a user error: one line, and not retried
-            raise UserError(f"evaluation shard {job.shard} of {method} on {dataset}: "
-                            f"{job_path.with_suffix('.error').read_text()}")
+        context = f"evaluation shard {job.shard} of {method} on {dataset}: "
+        for line in held:  # a user error keeps its type: DiskFull and ServiceUnavailable are retried, others not
+            if (error := reported_error(line, context)) is not None:
+                raise error
         raise RuntimeError(f"evaluation shard {job.shard} of {method} on {dataset} failed in its process "
-                           f"(exit {done.returncode}; job {job_path}); its error is in the log above")
+                           f"(exit {worker.returncode}; job {job_path}); its error is in the log above")
     return json.loads(job_path.with_suffix(".done").read_text())["rows"]
 
 

@@ -11,6 +11,7 @@ thread pool. This module defines no Prefect task: a shard's process has no flow 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from agent_runtime.backends import BackendConfig
 from agent_runtime.rollout import split_parts
 from agent_runtime.sandbox import Sandbox, SandboxConfig
-from common.errors import UserError
+from common.errors import UserError, report_line
 from evaluation.evaluate import EvalConfig, evaluate_questions
 from questions.datasets import load_dataset, with_limit
 from retrieval.index import IndexConfig
@@ -103,14 +104,19 @@ def run_shard(job: ShardJob) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Subprocess entry: ``python -m tasks.shard_worker JOB.json`` runs one shard.
 
-    Writes ``JOB.done`` (rows, torch threads) on success, ``JOB.error`` (one line) on a user error.
+    Writes ``JOB.done`` (rows, torch threads) on success. A user error is reported on stderr
+    (``common.errors.report_line``: no disk needed, so a full disk comes back as ``DiskFull``) and kept in
+    ``JOB.error`` where there is room; exit code 2.
     """
     job_path = Path((argv or sys.argv[1:])[0])
     job_path.with_suffix(".error").unlink(missing_ok=True)
     try:
         rows = run_shard(ShardJob.model_validate_json(job_path.read_text()))
     except UserError as exc:  # the parent raises it again; no traceback for an input error
-        job_path.with_suffix(".error").write_text(str(exc))
+        sys.stderr.write(report_line(exc))
+        sys.stderr.flush()
+        with contextlib.suppress(OSError):
+            job_path.with_suffix(".error").write_text(str(exc))
         return 2
     torch = sys.modules.get("torch")  # imported by the model or the retriever's embedder
     threads = torch.get_num_threads() if torch is not None else None

@@ -5,6 +5,7 @@ Helpers that are not fixtures live in each package's ``<package>_fixtures.py`` (
 """
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -69,3 +70,37 @@ def tiny_student(tmp_path_factory, smollm_tokenizer) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     smollm_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def small_home(tmp_path, monkeypatch):
+    """A 256 KiB tmpfs as the home (mounted as root; skipped with the reason where that is not allowed);
+    ``small_home.grow()`` gives it 8 MiB (space freed, nothing else touched)."""
+    root = tmp_path / "small"
+    root.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(root)], capture_output=True,
+                             text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs home here: {mounted.stderr.strip() or mounted.returncode}")
+    monkeypatch.setenv("DISTILLERY_HOME", str(root))
+    try:
+        yield SmallHome(root)
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
+
+
+class SmallHome:
+    def __init__(self, path):
+        self.path = path
+
+    def grow(self, size: str = "8m"):
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True)
+
+    def fill(self):
+        """Take every free byte (a file ``filler``), as another program would."""
+        with (self.path / "filler").open("wb", buffering=0) as filler:
+            try:
+                while True:
+                    filler.write(b"\0" * 4096)
+            except OSError:
+                pass

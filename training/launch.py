@@ -19,7 +19,6 @@ and prints a failure report. That report is held back: :func:`launch_accelerate`
 
 from __future__ import annotations
 
-import codecs
 import json
 import re
 import signal
@@ -30,9 +29,9 @@ from typing import TextIO
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.errors import UserError
+from common.errors import REPORT_MARK, UserError, report_line, reported_error
 from common.files import atomic_write_bytes
-from services.processes import project_env
+from services.processes import project_env, relay
 from training.sft import TrainConfig
 
 
@@ -82,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job = TrainJob.model_validate_json(Path(args[0]).read_text())
     job.out_dir.mkdir(parents=True, exist_ok=True)
-    train_lora(job.config, read_examples(job.examples_path), job.out_dir, resume=job.resume)
+    try:
+        train_lora(job.config, read_examples(job.examples_path), job.out_dir, resume=job.resume)
+    except UserError as error:  # a full disk, a bad example: the launcher raises it again, as its own type
+        sys.stderr.write(report_line(error))
+        sys.stderr.flush()
+        return 2
     return 0
 
 
@@ -112,6 +116,9 @@ def launch_accelerate(job_path: Path, accelerate_config: Path) -> subprocess.Com
         sys.stderr.write(report)  # a report line in a run that succeeded was only a warning
         return subprocess.CompletedProcess(command, returncode)
     out_dir = TrainJob.model_validate_json(Path(job_path).read_text()).out_dir
+    reported = [error for error in map(reported_error, report.splitlines()) if error is not None]
+    if reported:  # a rank's user error (the first, when several ranks report): its own type and message
+        raise type(reported[0])(f"training failed: {reported[0]}; {resume_hint(out_dir)}")
     if report:
         (out_dir / "launch-error.log").write_text(report)
     raise LaunchError(failure_message(report, returncode, out_dir))
@@ -127,27 +134,17 @@ _RANK_LINE = re.compile(r"^\[rank(\d+)\]:")
 def relay_until_failure_report(stream, out: TextIO) -> str:
     """Copy ``stream`` (the launcher's stderr, bytes) to ``out`` as it arrives and return what was held
     back: the ranks' uncaught exceptions (``[rankN]: ...`` lines; when one rank dies the others fail in
-    their next collective, and those tracebacks are consequences) and torch.distributed's failure report.
+    their next collective, and those tracebacks are consequences), a rank's user-error report
+    (``common.errors.report_line``) and torch.distributed's failure report.
     Progress bars (``\\r`` updates) pass through as they come."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending, held, in_report = "", [], False
-    for chunk in iter(lambda: stream.read1(65536), b""):
-        pending += decoder.decode(chunk)
-        cut = max(pending.rfind("\n"), pending.rfind("\r")) + 1  # relay whole lines only
-        complete, pending = pending[:cut], pending[cut:]
-        for line in complete.splitlines(keepends=True):
-            in_report = in_report or bool(_AGENT_FAILURE.search(line))
-            if in_report or _RANK_LINE.match(line):
-                held.append(line)
-            else:
-                out.write(line)
-        out.flush()
-    rest = pending + decoder.decode(b"", final=True)
-    if in_report:
-        held.append(rest)
-    else:
-        out.write(rest)
-    return "".join(held)
+    in_report = False
+
+    def hold(line: str) -> bool:
+        nonlocal in_report
+        in_report = in_report or bool(_AGENT_FAILURE.search(line))
+        return in_report or bool(_RANK_LINE.match(line)) or REPORT_MARK in line
+
+    return "".join(relay(stream, out, hold))
 
 
 def failure_message(report: str, returncode: int, out_dir: Path) -> str:
@@ -156,8 +153,6 @@ def failure_message(report: str, returncode: int, out_dir: Path) -> str:
     The cause is a rank killed by a signal other than the agent's SIGTERM to the survivors, else the
     report's root cause; a rank that raised is named with the last line of its traceback.
     """
-    from training.checkpoints import latest_checkpoint
-
     def ranks(text: str) -> list[tuple[int, int]]:
         found = re.findall(r"\brank\s*:\s*(\d+).*?\bexitcode\s*:\s*(-?\d+)", text, re.DOTALL)
         return [(int(rank), int(code)) for rank, code in found]
@@ -176,13 +171,18 @@ def failure_message(report: str, returncode: int, out_dir: Path) -> str:
         what = f"rank {rank} raised {raised[-1]}" if raised else f"rank {rank} exited with code {code}"
     else:
         what = f"accelerate launch exited with code {returncode} (the error is in the log above)"
+    report_note = f"; launcher report: {out_dir / 'launch-error.log'}" if report else ""
+    return f"training failed: {what}; {resume_hint(out_dir)}{report_note}"
+
+
+def resume_hint(out_dir: Path) -> str:
+    """Where a re-run of a failed training continues from."""
+    from training.checkpoints import latest_checkpoint
+
     checkpoint = latest_checkpoint(out_dir / "checkpoints")
     if checkpoint is None:
-        resume = "no checkpoint was complete, so a re-run starts from the beginning"
-    else:
-        resume = f"re-run with --resume to continue from the last complete checkpoint {checkpoint}"
-    report_note = f"; launcher report: {out_dir / 'launch-error.log'}" if report else ""
-    return f"training failed: {what}; {resume}{report_note}"
+        return "no checkpoint was complete, so a re-run starts from the beginning"
+    return f"re-run with --resume to continue from the last complete checkpoint {checkpoint}"
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import os
 import pytest
 from flows_fixtures import write_inputs
 
-from common.errors import UserError
+from common.errors import DiskFull, UserError
 from flows.config import PipelineConfig
 from storage.catalog import query
 from tasks.evaluate import shard_pins
@@ -73,3 +73,22 @@ def test_a_user_error_in_a_shard_process_comes_back_as_a_user_error(tmp_path, ho
     errors = sorted(home.glob("evaluate/*/jobs/shard-*.error"))
     assert errors and "ran out of completions" in errors[0].read_text()
     assert not list(home.glob("evaluate/*/manifest.json"))
+
+
+def test_a_full_disk_in_a_shard_process_comes_back_as_disk_full_naming_the_file(tmp_path, small_home,
+                                                                                 prefect_harness):
+    """The home (a 256 KiB tmpfs) holds the index and the job files but not the shards' predictions (answers
+    with 40 KB of random thought each): the shard processes' DiskFull reaches the stage as DiskFull, naming the
+    file (before, the worker's error file found no room either, and the stage failed with an empty message)."""
+    import secrets
+
+    from flows.pipeline import run_stage_flow
+
+    big = tmp_path / "big-script.json"
+    big.write_text(json.dumps([f"Thought: {secrets.token_hex(20_000)}\nCode:\n```py\nfinal_answer('4')\n```<end_code>"
+                               for _ in range(12)]))
+    cfg = config(tmp_path, big)
+    with pytest.raises(DiskFull, match=r"^evaluation shard \d of agent on sums: no space left on device writing "
+                                       r"\S+/predictions/part-0000\d\.parquet; free space there"):
+        run_stage_flow("evaluate", cfg, str(small_home.path))
+    assert not list(small_home.path.glob("evaluate/*/manifest.json"))

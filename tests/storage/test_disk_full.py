@@ -2,11 +2,9 @@
 artifact taken for complete, and a re-run with space finishes it with the numbers of a run that never ran
 out, keeping the parts finished before.
 
-The home is a small tmpfs mounted for the test (as root); where mounting is not allowed the tests are skipped
-with the reason.
+The home is a small tmpfs mounted for the test (as root; the ``small_home`` fixture in tests/conftest.py);
+where mounting is not allowed the tests are skipped with the reason.
 """
-
-import subprocess
 
 import pytest
 from storage_fixtures import ROWS_PER_PART, episodes, plan, write_parts
@@ -19,39 +17,6 @@ from tasks.artifacts import build_artifact
 
 PARTS = 8
 PREDICTION_BYTES = 8 * 1024  # 16 KiB of hex per row: 64 KiB per part, 512 KiB in all
-
-
-@pytest.fixture
-def small_home(tmp_path, monkeypatch):
-    """A 256 KiB tmpfs as the home; ``small_home.grow()`` gives it 8 MiB (space freed, nothing else touched)."""
-    root = tmp_path / "small"
-    root.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(root)], capture_output=True,
-                             text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs home here: {mounted.stderr.strip() or mounted.returncode}")
-    monkeypatch.setenv("DISTILLERY_HOME", str(root))
-    try:
-        yield SmallHome(root)
-    finally:
-        subprocess.run(["umount", str(root)], check=True)
-
-
-class SmallHome:
-    def __init__(self, path):
-        self.path = path
-
-    def grow(self):
-        subprocess.run(["mount", "-o", "remount,size=8m", str(self.path)], check=True)
-
-    def fill(self):
-        """Take every free byte (a file ``filler``), as another program would."""
-        with (self.path / "filler").open("wb", buffering=0) as filler:
-            try:
-                while True:
-                    filler.write(b"\0" * 4096)
-            except OSError:
-                pass
 
 
 def write(artifact):
