@@ -22,6 +22,23 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def cpu_kind(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """This CPU's kind as far as the engines care: ``amx`` (AMX tiles, with AVX-512 BF16), ``avx512-bf16``,
+    ``avx512`` (no native bf16), ``avx2``, or ``other`` (read from /proc/cpuinfo's flags; ``other`` off Linux)."""
+    try:
+        with open(cpuinfo) as lines:
+            flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    except OSError:
+        return "other"
+    if "amx_bf16" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512-bf16"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags else "other"
+
+
 def resolve_dtype(dtype: Dtype, device: str, gpu: Dtype = "bfloat16") -> str:
     """The dtype name ``dtype`` means on ``device`` (``cpu``, ``cuda``, ``cuda:1``): ``auto`` is ``gpu`` on a
     GPU, bfloat16 on a CPU with native bf16, else float32; any other value is itself."""

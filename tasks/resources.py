@@ -18,6 +18,7 @@ from functools import lru_cache
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent_runtime.backends import BackendConfig, make_generator
+from agent_runtime.backends.engines import resolve_engine
 from agent_runtime.generation import Generator
 from retrieval.index import IndexConfig
 from storage.store import ArtifactRef
@@ -53,13 +54,14 @@ class Generators:
     def declare(self, backends: Iterable[BackendConfig]) -> None:
         """Backends the stage will use (what lets one vLLM engine be built for all adapters of a base)."""
         with self.lock:
-            for cfg in backends:
+            for cfg in map(resolve_engine, backends):
                 if cfg.kind == "vllm" and cfg.adapter is not None:
                     self.vllm_adapters.setdefault(cfg.model_copy(update={"adapter": None}), set()).add(cfg.adapter)
 
     @contextmanager
     def lease(self, cfg: BackendConfig) -> Iterator[Generator]:
         """The generator of ``cfg`` while the block runs (loaded now unless it is loaded already)."""
+        cfg = resolve_engine(cfg)  # kind auto: the engine chosen for this machine
         self.declare([cfg])
         with self.lock:
             key = self.key(cfg)

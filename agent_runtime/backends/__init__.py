@@ -23,10 +23,11 @@ class BackendConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["transformers", "llamacpp", "openai", "vllm", "scripted"] = Field(
+    kind: Literal["transformers", "llamacpp", "openai", "vllm", "scripted", "auto"] = Field(
         "transformers",
         description="backend: in-process transformers, a llama.cpp server it starts, OpenAI-compatible server, "
-                    "vLLM (in process, or its server from .venv-vllm), or scripted",
+                    "vLLM (in process, or its server from .venv-vllm), scripted, or auto: the engine measured "
+                    "fastest for the model on this machine's CPU kind (agent_runtime/backends/engines.py)",
     )
     model: str = Field(
         "smollm2-135m-instruct",
@@ -88,6 +89,10 @@ class BackendConfig(BaseModel):
 
 def make_generator(cfg: BackendConfig) -> Generator:
     """Build the backend ``cfg.kind`` names (this loads the model; call ``close()`` when done)."""
+    if cfg.kind == "auto":
+        from agent_runtime.backends.engines import resolve_engine
+
+        cfg = resolve_engine(cfg)
     if cfg.kind == "transformers":
         from agent_runtime.backends.transformers_backend import TransformersGenerator
 
