@@ -363,6 +363,10 @@ def test_pipeline_deployment_runs_on_a_real_server_beside_a_cli_run_on_the_same_
     built = set(re.findall(r"building (\w+/[0-9a-f]{16}) \(pid (\d+)\)", cli_text + server_log))
     stages = [artifact.split("/")[0] for artifact, _ in built]  # one builder per artifact
     assert sorted(stages) == ["evaluate", "index", "rollout", "sft", "train"], built  # each artifact built once
+    waited = re.findall(r"waiting for (\w+/[0-9a-f]{16}) built by pid (\d+)", cli_text)
+    print(f"built (artifact, pid): {sorted(built)}; the CLI waited for: {waited}")
+    # The two overlapped: the CLI waited for an artifact the other was building, or each built some.
+    assert waited or len({pid for _, pid in built}) == 2, (built, cli_text[-2000:])
     assert run.parameters["cfg"]["rollout"]["limit"] == 2
     rows = stack.query("select stage, count(*) as n from artifacts group by stage")
     assert {r["stage"]: r["n"] for r in rows} == {"index": 1, "rollout": 1, "sft": 1, "train": 1,
