@@ -146,8 +146,20 @@ def _create_view(con, table: str, schema: pa.Schema, files: list[tuple[str, str,
     paths, stages, ids = (list(column) for column in zip(*files))
     owners = con.from_arrow(pa.table({"filename": paths, "stage": stages, "artifact_id_": ids}))
     rows = con.read_parquet(paths, filename=True, union_by_name=True)
-    selected = ", ".join(f'"{name}"' for name in columns)
+    # A column added to the schema after an artifact was written reads as NULL in that artifact's rows.
+    present = set(rows.columns)
+    selected = ", ".join(f'"{name}"' if name in present else f'CAST(NULL AS {_sql_type(schema.field(name).type)}) AS "{name}"'
+                         for name in columns)
     rows.join(owners, "filename").project(f"{selected}, stage, artifact_id_ AS artifact_id").create_view(table)
+
+
+def _sql_type(arrow_type: pa.DataType) -> str:
+    """The DuckDB type of an Arrow column type of the schemas (for a column an older file lacks)."""
+    for test, name in ((pa.types.is_boolean, "BOOLEAN"), (pa.types.is_int32, "INTEGER"), (pa.types.is_int64, "BIGINT"),
+                       (pa.types.is_float32, "FLOAT"), (pa.types.is_float64, "DOUBLE"), (pa.types.is_string, "VARCHAR")):
+        if test(arrow_type):
+            return name
+    raise TypeError(f"no DuckDB type for the Arrow type {arrow_type} of a column older files lack")
 
 
 def query(root: Path | str, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:

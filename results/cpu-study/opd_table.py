@@ -21,16 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from storage.catalog import query
 
 ITERATIONS = """
-select a.id, (a.config::json ->> 'iteration')::int as iteration, a.metrics,
+select a.id, (a.config::json ->> 'iteration')::int as iteration,
+       coalesce(a.config::json -> 'opd' ->> 'baseline', 'none') as baseline, a.metrics,
        (select count(distinct (t.dataset, t.question_id, t.sample_index)) from opd_tokens t
         where t.artifact_id = a.id) as episodes_scored
-from artifacts a where a.stage = 'opd' and a.state = 'complete' order by iteration
+from artifacts a where a.stage = 'opd' and a.state = 'complete' order by a.created, iteration
 """
 KL = """
-select iteration, segment, sum(tokens) as tokens, sum(kl * tokens) / sum(tokens) as kl
-from token_kl group by all order by iteration, segment
+select artifact_id, iteration, segment, sum(tokens) as tokens, sum(kl * tokens) / sum(tokens) as kl
+from token_kl group by all order by artifact_id, iteration, segment
 """
-COLUMNS = ("iteration", "artifact", "start_adapter", "episodes", "accuracy", "episodes_scored",
+COLUMNS = ("iteration", "artifact", "baseline", "start_adapter", "episodes", "accuracy", "episodes_scored",
            "teacher_tokens_scored", "kl_start", "steps", "update_s")
 
 
@@ -40,34 +41,43 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     args = parser.parse_args()
     rows = []
-    for artifact, iteration, metrics, scored in query(args.home, ITERATIONS)[1]:
+    for artifact, iteration, baseline, metrics, scored in query(args.home, ITERATIONS)[1]:
         m = json.loads(metrics) | {"episodes_scored": scored}  # counted here: iterations made before it was a metric
-        rows.append({"iteration": iteration, "artifact": artifact, **{k: m.get(k) for k in COLUMNS[2:]}})
+        rows.append({"iteration": iteration, "artifact": artifact, "baseline": baseline,
+                     **{k: m.get(k) for k in COLUMNS[3:]}})
     with (args.out / "opd.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    plot_kl(query(args.home, KL)[1], args.out / "opd_kl.png")
+    plot_kl(query(args.home, KL)[1], {r["artifact"]: r for r in rows}, args.out / "opd_kl.png")
     print(f"{len(rows)} iteration(s) -> {args.out / 'opd.csv'}, {args.out / 'opd_kl.png'}")
     return 0
 
 
-def plot_kl(rows: list[tuple], path: Path) -> None:
+def plot_kl(rows: list[tuple], runs: dict[str, dict], path: Path) -> None:
+    """The KL at the start of each iteration (the sampling adapter's tokens) per segment, a bar per opd
+    artifact: runs and iterations side by side."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6, 3.5), layout="tight")
+    figure = Figure(figsize=(6.5, 3.5), layout="tight")
     FigureCanvasAgg(figure)
     axes = figure.subplots()
-    for segment in sorted({r[1] for r in rows}):
-        points = [(r[0], r[3]) for r in rows if r[1] == segment]
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=segment)
-    axes.set_xticks(sorted({r[0] for r in rows}))
-    axes.set_xlabel("OPD iteration (episodes sampled by the adapter before the update)")
+    segments = sorted({r[2] for r in rows})
+    artifacts = [a for a in runs if any(r[0] == a for r in rows)]
+    width = 0.8 / max(1, len(artifacts))
+    for i, artifact in enumerate(artifacts):
+        kl = {r[2]: r[4] for r in rows if r[0] == artifact}
+        run = runs[artifact]
+        axes.bar([j + (i - (len(artifacts) - 1) / 2) * width for j in range(len(segments))],
+                 [kl.get(s, 0.0) for s in segments], width=width,
+                 label=f"opd/{run['iteration']} {artifact[:8]} (baseline {run['baseline']}, "
+                       f"{run['episodes_scored']} episodes scored)")
+    axes.set_xticks(range(len(segments)), segments)
     axes.set_ylabel("reverse KL to the teacher (nats/token)")
-    axes.set_title("the student's tokens, scored by the 1.5B teacher")
-    axes.legend()
-    axes.grid(alpha=0.3)
+    axes.set_title("the sampling student's tokens, scored by the 1.5B teacher")
+    axes.legend(fontsize=7)
+    axes.grid(alpha=0.3, axis="y")
     figure.savefig(path, dpi=100)
 
 
