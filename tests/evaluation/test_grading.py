@@ -241,7 +241,9 @@ def test_numeric_path_grades_thousands_of_answers_quickly():
     started = time.perf_counter()
     verdicts = [grade(f"{i * 1009:,}.5", f"{i * 1009}.5", "math") for i in range(1, 3001)]
     assert all(v.correct and v.method == "numeric" for v in verdicts)
-    assert time.perf_counter() - started < 5.0  # ~0.3 s idle: no worker process is involved
+    # ~0.3 s idle: no worker process is involved (one per answer would take minutes); the bound leaves room for
+    # a loaded machine
+    assert time.perf_counter() - started < 60.0
 
 
 # Asks sympy for the factorial of 99! (a 156-digit number): it runs until killed.
@@ -262,7 +264,9 @@ def test_sympy_bomb_is_graded_within_the_time_limit_off_the_main_thread(capfd):
     assert results, "grading hung"
     verdict, elapsed = results[0]
     assert (verdict.correct, verdict.score, verdict.method) == (False, 0.0, "timeout")
-    assert SYMBOLIC_TIMEOUT_S <= elapsed < SYMBOLIC_TIMEOUT_S + 2.0
+    # It waited for the limit and no longer than a killed worker takes to report on a loaded machine (the bomb
+    # itself never ends)
+    assert SYMBOLIC_TIMEOUT_S <= elapsed < SYMBOLIC_TIMEOUT_S + 30.0
     # The killed worker is replaced: the next symbolic comparison works.
     assert grade("14/3", "\\frac{14}{3}", "math").method == "math_verify"
     captured = capfd.readouterr()
@@ -313,7 +317,7 @@ def test_huge_expression_is_graded_quickly_without_hanging():
     g = grade("9^{9^{9}}", "5", "math")
     assert not g.correct and g.method == "string"
     assert not grade("10^{123456789}", "1", "math").correct
-    assert time.perf_counter() - start < 2.0
+    assert time.perf_counter() - start < 30.0  # ~0.1 s idle; evaluating either would never end
 
 
 def test_math_verify_works_off_the_main_thread():

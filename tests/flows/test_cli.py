@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -19,16 +18,22 @@ def cli(*args, home=None):
                           check=False, timeout=300)
 
 
-def test_help_lists_every_command_quickly():
-    started = time.perf_counter()
+HEAVY = ("torch", "transformers", "prefect", "duckdb", "faiss", "sentence_transformers", "peft", "accelerate")
+
+
+def test_help_lists_every_command_without_heavy_imports():
     result = cli("--help")
-    elapsed = time.perf_counter() - started
     assert result.returncode == 0
     for command in COMMANDS:
         assert command in result.stdout
-    assert elapsed < 10  # the budget is 2 s on an idle machine; this guards against heavy imports at start
     choices = build_parser()._subparsers._group_actions[0].choices
     assert COMMANDS <= set(choices)
+    # Fast help (~2 s on an idle machine): none of the heavy libraries is imported to print it. (Checked by
+    # what is imported, not by a time, which depends on the machine's load.)
+    code = ("import sys\nfrom flows.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)")
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert imported.stderr.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.parametrize("term", [{}, {"TERM": "dumb", "TTY_COMPATIBLE": "1", "COLUMNS": "60"}])

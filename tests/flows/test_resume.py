@@ -172,7 +172,7 @@ def test_sigterm_mid_evaluation_stops_within_seconds_and_keeps_the_finished_shar
     sent = time.monotonic()
     output, _ = process.communicate(timeout=60)
     # Before: Prefect waited for the running shard (here 60 s or more) before exiting.
-    assert time.monotonic() - sent < 10, output
+    assert time.monotonic() - sent < 40, output  # ~1 s idle; the bound leaves room for a loaded machine
     assert process.returncode == 128 + signal.SIGTERM
     assert "stopped by SIGTERM: finished parts are kept" in output
     assert [p.name for p in home.glob(pattern)] == ["part-00000.parquet"]

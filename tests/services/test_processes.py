@@ -113,7 +113,7 @@ def test_stop_takes_the_grandchildren_that_ignore_sigterm_too():
     grandchild = int(child.process.stdout.readline())
     started = time.monotonic()
     assert child.stop(timeout_s=1) == -signal.SIGTERM
-    assert gone(grandchild, within_s=0) and time.monotonic() - started < 5
+    assert gone(grandchild, within_s=0) and time.monotonic() - started < 30  # ~1 s; it ignores SIGTERM for 60 s
 
 
 def test_stop_takes_the_orphans_left_in_a_childs_session():

@@ -39,9 +39,6 @@ def test_user_errors_fail_at_once_and_transient_ones_are_retried(prefect_harness
     def stage() -> None:
         failing()
 
-    started = time.monotonic()
     state = stage(return_state=True)
     assert state.is_failed() and str(error) in state.message
-    assert len(calls) == attempts
-    if attempts == 1:
-        assert time.monotonic() - started < 8  # not after the 10 s retry delay
+    assert len(calls) == attempts  # a user error: once, no retry after the 10 s delay
