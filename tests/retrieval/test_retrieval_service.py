@@ -58,6 +58,18 @@ def tight_url(retriever):
         yield url
 
 
+def same_hits(got: list[list], expected: list[list]) -> bool:
+    """The same passages in the same order, with the same scores up to the embedder's precision: a query
+    embedded in another batch (the service batches concurrent requests) goes through other kernels, and on a
+    CPU with native bf16 the embedder runs in bf16 (8 bits of mantissa), where that moves a score by up to
+    ~2e-4 (measured on a Sapphire Rapids Xeon; float32: ~1e-7)."""
+    assert [[(p.id, p.title, p.text) for p in hits] for hits in got] == \
+        [[(p.id, p.title, p.text) for p in hits] for hits in expected]
+    assert [p.score for hits in got for p in hits] == pytest.approx([p.score for hits in expected for p in hits],
+                                                                    abs=2e-3)
+    return True
+
+
 def metrics(url: str) -> dict[str, float]:
     """The server's /metrics samples: ``{'name{labels}': value}``."""
     text = httpx.get(f"{url}/metrics").text
@@ -68,9 +80,7 @@ def metrics(url: str) -> dict[str, float]:
 def test_http_and_in_process_return_the_same_ids_and_scores(retriever, server_url):
     local = retriever.search(QUERIES, k=4)
     remote = HttpRetriever(server_url).search(QUERIES, k=4)
-    assert [[p.id for p in hits] for hits in remote] == [[p.id for p in hits] for hits in local]
-    assert [[p.score for p in hits] for hits in remote] == [[p.score for p in hits] for hits in local]
-    assert remote == local  # titles and texts survive the "Title"\ntext round trip too
+    assert same_hits(remote, local)  # titles and texts survive the "Title"\ntext round trip too
     assert web_search(HttpRetriever(server_url), "Jazz") == web_search(retriever, "Jazz")
 
 
@@ -78,8 +88,8 @@ def test_one_search_with_a_topk_per_query_equals_a_search_per_topk(retriever, se
     ks = [1 + i % 3 for i in range(len(QUERIES))]
     mixed = retriever.search(QUERIES, ks)
     assert [len(hits) for hits in mixed] == ks
-    assert mixed == [retriever.search([query], k)[0] for query, k in zip(QUERIES, ks)]
-    assert HttpRetriever(server_url).search(QUERIES, ks) == mixed  # the client: one request per k
+    assert same_hits(mixed, [retriever.search([query], k)[0] for query, k in zip(QUERIES, ks)])
+    assert same_hits(HttpRetriever(server_url).search(QUERIES, ks), mixed)  # the client: one request per k
     with pytest.raises(ValueError, match="3 values of k for 2 queries"):
         retriever.search(["a", "b"], [1, 2, 3])
 
@@ -183,7 +193,7 @@ def test_a_request_searched_in_chunks_gets_the_in_process_results(retriever, tig
     before = metrics(tight_url)
     queries = QUERIES[:5]
     remote = HttpRetriever(tight_url).search(queries, k=2)
-    assert remote == retriever.search(queries, k=2)
+    assert same_hits(remote, retriever.search(queries, k=2))
     after = metrics(tight_url)
     assert after["retriever_batch_queries_count"] - before["retriever_batch_queries_count"] == 3  # 2 + 2 + 1
 
