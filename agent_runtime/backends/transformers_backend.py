@@ -115,15 +115,17 @@ class TransformersGenerator:
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
             logits_to_keep=longest + 1,
         ).logits[:, :-1]
-        logprobs = logits.float().log_softmax(-1)
         scored = []
         for row, (_, tokens) in enumerate(rows):
             if not tokens:
                 scored.append(Scored([], []))
                 continue
             given = torch.tensor(tokens, device=self.device)
-            picked = logprobs[row, longest - len(tokens) :].gather(-1, given.view(-1, 1)).view(-1)
-            scored.append(Scored(list(tokens), picked.tolist()))
+            # One row at a time in float32: the whole chunk's log-softmax over a 152k vocabulary would hold
+            # rows x positions x vocabulary floats twice over (~10 GB for 32 rows of 256 tokens).
+            logprobs = logits[row, longest - len(tokens) :].float().log_softmax(-1)
+            scored.append(Scored(list(tokens), logprobs.gather(-1, given.view(-1, 1)).view(-1).tolist()))
+            del logprobs
         return scored
 
     def close(self) -> None:
