@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -316,9 +315,8 @@ def stack(tmp_path_factory):
     command = [sys.executable, "-m", "flows.cli", "--home", str(home), "server", "--port", str(port),
                "--set", f"reevaluate.cron={CRON}", "--set", f"reevaluate.timezone={TIMEZONE}"]
     started = time.monotonic()
-    # A session of its own: the teardown stops all of it (server, serve, flow runs). At INFO, so that the
-    # served runs' builder lines ("building <stage>/<id> (pid N)", print records) reach its log under CI too.
-    server = start_service(command, log, env={**os.environ, "PREFECT_LOGGING_LEVEL": "INFO"})
+    # A session of its own: the teardown stops all of it (server, serve, flow runs).
+    server = start_service(command, log)
     try:
         api_url = f"http://127.0.0.1:{port}/api"
         server.wait_until(lambda: all(registered(api_url, f"{name}/{DEPLOYMENT_NAME}") for name in FLOWS), 420,
@@ -333,40 +331,15 @@ def stack(tmp_path_factory):
 @pytest.mark.server
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # server start (420 s) + the run (1200 s): longer than the suite's default
-def test_pipeline_deployment_runs_on_a_real_server_beside_a_cli_run_on_the_same_home(stack):
-    """The deployment's run (on the served worker process) and a ``distillery run`` of the same config on the
-    same home, started together: both complete, and each artifact is built once, by one of them."""
-    from prefect.client.orchestration import get_client
+def test_pipeline_deployment_runs_on_a_real_server(stack):
     from prefect.deployments import run_deployment
 
-    config = stack.home.parent / "tiny.json"
-    config.write_text(json.dumps(stack.tiny))
-    log_start = stack.log.stat().st_size  # the server's log of earlier tests is not this run's
     started = time.monotonic()
     with stack.settings():
         run = run_deployment(f"pipeline/{DEPLOYMENT_NAME}", parameters={"cfg": stack.tiny, "home": str(stack.home)},
-                             timeout=0)
-        cli = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(stack.home), "run", "--config",
-                              str(config)], cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False,
-                             env={**os.environ, "PREFECT_API_URL": stack.api_url, "PREFECT_LOGGING_LEVEL": "INFO"})
-        with get_client(sync_client=True) as client:
-            while not (run := client.read_flow_run(run.id)).state.is_final() and time.monotonic() - started < 1200:
-                time.sleep(3)
-    print(f"\npipeline deployment run beside a CLI run: {time.monotonic() - started:.0f} s")
+                             timeout=1200, poll_interval=3)
+    print(f"\npipeline deployment run: {time.monotonic() - started:.0f} s")
     assert run.state.is_completed(), f"{run.state}\n{stack.tail()}"
-    assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
-    cli_text = cli.stdout + cli.stderr
-    with stack.log.open("rb") as log:
-        log.seek(log_start)
-        server_log = log.read().decode(errors="replace")
-    # (artifact, builder pid) pairs; a line may be both printed and logged
-    built = set(re.findall(r"building (\w+/[0-9a-f]{16}) \(pid (\d+)\)", cli_text + server_log))
-    stages = [artifact.split("/")[0] for artifact, _ in built]  # one builder per artifact
-    assert sorted(stages) == ["evaluate", "index", "rollout", "sft", "train"], built  # each artifact built once
-    waited = re.findall(r"waiting for (\w+/[0-9a-f]{16}) built by pid (\d+)", cli_text)
-    print(f"built (artifact, pid): {sorted(built)}; the CLI waited for: {waited}")
-    # The two overlapped: the CLI waited for an artifact the other was building, or each built some.
-    assert waited or len({pid for _, pid in built}) == 2, (built, cli_text[-2000:])
     assert run.parameters["cfg"]["rollout"]["limit"] == 2
     rows = stack.query("select stage, count(*) as n from artifacts group by stage")
     assert {r["stage"]: r["n"] for r in rows} == {"index": 1, "rollout": 1, "sft": 1, "train": 1,
