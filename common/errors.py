@@ -35,11 +35,13 @@ class DiskFull(UserError):
 
 
 REPORT_MARK = "distillery-user-error: "
+# The types a report line keeps, most specific first (the first that matches names the error).
+_REPORTED = (DiskFull, ServiceUnavailable, UserError)
 
 
 def report_line(error: UserError) -> str:
     """The one stderr line (newline included) by which a child process reports ``error`` to its parent."""
-    kind = next(k.__name__ for k in (DiskFull, ServiceUnavailable, UserError) if isinstance(error, k))
+    kind = next(k.__name__ for k in _REPORTED if isinstance(error, k))
     return REPORT_MARK + json.dumps({"type": kind, "message": str(error)}) + "\n"
 
 
@@ -51,7 +53,7 @@ def reported_error(line: str, context: str = "") -> UserError | None:
         return None
     try:
         record = json.loads(line[at + len(REPORT_MARK):])
-        kind = {k.__name__: k for k in (DiskFull, ServiceUnavailable, UserError)}[record["type"]]
+        kind = {k.__name__: k for k in _REPORTED}[record["type"]]
         message = str(record["message"])
     except (ValueError, KeyError, TypeError):
         return None
