@@ -140,7 +140,7 @@ OPD_TOKENS = pa.schema([
     ("question_id", pa.string()),
     ("sample_index", pa.int32()),
     ("step", pa.int32()),               # the agent step (assistant turn) the token belongs to
-    ("segment", pa.string()),           # "thought" | "code" | "final" (the finalising action)
+    ("segment", pa.string()),           # "thought" | "code" | "final" (the finalising action) | "stop" (<end_code>)
     ("position", pa.int32()),           # the token's index within its assistant turn
     ("token_id", pa.int32()),
     ("teacher_logprob", pa.float32()),  # log π_teacher(token | the student's context)

@@ -26,6 +26,13 @@ rates nearly every sampled token below the student (A_t < 0 on average, as early
 pushes down whatever was sampled, and with few episodes per step that noise decides which behaviour shrinks.
 With b the tokens the teacher rates above the step's average are raised and those below it lowered.
 
+The ``<end_code>`` marker that ends an action carries no loss by default (``stop_marker: masked``; its tokens
+are stored with the segment ``stop``). The engine stops generation at that string, so the scored text ends
+inside what the teacher would write as one piece: measured on the study's opd/1 tokens, the teacher gave the
+marker's last token ``>`` a mean log-prob of −1.14 where the student, taught the marker by the SFT stage, gave
+−0.001 (``results/cpu-study/report.md``, stage 6). That gap measures where the text was cut, not the action;
+trained on, it lowers the student's probability of ending its actions.
+
 Differences from a GPU implementation, stated: the episodes are sampled by the project's student backend
 (llama.cpp's quantised model with the adapter on a CPU), while π_old and π_θ are the de-quantised model
 here, so the importance weight is taken against π_old, not against the sampler's exact probabilities; the
@@ -46,10 +53,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent_runtime.backends import BackendConfig
 from agent_runtime.engine import AgentConfig
+from agent_runtime.prompts import END_CODE
 from questions.datasets import DatasetConfig
 from training.examples import ExampleError, assistant_spans, validate_messages
 
-Segment = Literal["thought", "code", "final"]
+Segment = Literal["thought", "code", "final", "stop"]
 
 
 class OpdConfig(BaseModel):
@@ -76,6 +84,10 @@ class OpdConfig(BaseModel):
     baseline: Literal["none", "batch_mean"] = Field(
         "none", description="subtracted from the clipped advantage: none (as published) or batch_mean, the "
                             "mean over the optimizer step's tokens (same expected gradient, lower variance)")
+    stop_marker: Literal["masked", "scored"] = Field(
+        "masked", description="the <end_code> marker that ends an action: masked (no loss: the SFT stage taught "
+                              "it, and the teacher scores text cut at a stop string, so it rates where the cut "
+                              "falls, not the action) or scored")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     max_length: int = Field(4096, ge=8, description="longest episode in tokens; longer ones are cut after the "
                                                     "last assistant turn that fits")
@@ -113,16 +125,15 @@ class AlignedTurn:
 
 def token_segments(tokenizer, text: str, token_ids: list[int], is_final: bool) -> list[str]:
     """The segment of each token of an assistant turn: ``final`` for the finalising action, else ``thought``
-    before its code block and ``code`` from the block's opening fence on."""
-    if is_final:
-        return ["final"] * len(token_ids)
-    fence = text.find("```")
-    if fence < 0:
-        return ["thought"] * len(token_ids)
+    before its code block and ``code`` from the block's opening fence on; in both, ``stop`` for the tokens of
+    the ``<end_code>`` marker that ends an action the stop string ended."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if list(encoded.input_ids) != list(token_ids):
         raise ExampleError("the turn's tokens differ from the scored ones")
-    return ["code" if end > fence else "thought" for _, end in encoded.offset_mapping]
+    fence = text.find("```")
+    marker = len(text) - len(END_CODE) if text.endswith(END_CODE) else len(text)
+    return ["stop" if end > marker else "final" if is_final else "code" if 0 <= fence < end else "thought"
+            for _, end in encoded.offset_mapping]
 
 
 def align_turns(tokenizer, messages: list[dict], scored_ids: list[list[int]], finals: list[bool]
@@ -192,11 +203,10 @@ def load_student(base_model: str, adapter: Path, device: torch.device) -> tuple[
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from agent_runtime.backends.transformers_backend import dequantized_folder
+    from agent_runtime.backends.transformers_backend import hf_folder
     from models.resolve import resolve_model
 
-    source = resolve_model(base_model)
-    folder = dequantized_folder(source) if source.gguf_file else source.path
+    folder = hf_folder(resolve_model(base_model))
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
     model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
     model.eval()
@@ -226,8 +236,11 @@ def fill_old_logprobs(model, examples: list[OpdExample], device: torch.device,
 
 
 def opd_loss(logprobs: torch.Tensor, old: torch.Tensor, teacher: torch.Tensor, kl_clip: float,
-             baseline: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """The summed per-token loss of one episode (see the module docstring) and its statistics."""
+             baseline: float = 0.0, trained: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The summed per-token loss of one episode (see the module docstring) and its statistics, over the
+    tokens ``trained`` marks (a bool tensor; None: all)."""
+    if trained is not None:
+        logprobs, old, teacher = logprobs[trained], old[trained], teacher[trained]
     log_ratio = teacher - old
     advantage = log_ratio.clamp(-kl_clip, kl_clip) - baseline
     loss = -(advantage * torch.exp(logprobs - old)).sum()
@@ -236,12 +249,19 @@ def opd_loss(logprobs: torch.Tensor, old: torch.Tensor, teacher: torch.Tensor, k
     return loss, stats
 
 
+def trained_tokens(example: OpdExample, cfg: OpdConfig) -> list[bool]:
+    """Which of the example's scored tokens carry loss: all but the stop marker's when it is masked."""
+    return [cfg.stop_marker == "scored" or segment != "stop" for segment in example.segments]
+
+
 def step_baseline(examples: list[OpdExample], batch: list[int], cfg: OpdConfig) -> float:
     """The baseline b of one optimizer step over the episodes ``batch`` (see the module docstring)."""
     if cfg.baseline == "none":
         return 0.0
     advantages = [max(-cfg.kl_clip, min(cfg.kl_clip, t - o))
-                  for i in batch for t, o in zip(examples[i].teacher, examples[i].old)]
+                  for i in batch
+                  for t, o, keep in zip(examples[i].teacher, examples[i].old, trained_tokens(examples[i], cfg),
+                                        strict=True) if keep]
     return sum(advantages) / max(len(advantages), 1)
 
 
@@ -258,7 +278,8 @@ def train_iteration(model, examples: list[OpdExample], cfg: OpdConfig, iteration
     rows = []
     for step, batch in enumerate(batches, start=1):
         started = time.perf_counter()
-        total = sum(len(examples[i].positions) for i in batch)
+        masks = {i: torch.tensor(trained_tokens(examples[i], cfg), device=device) for i in batch}
+        total = max(sum(int(masks[i].sum()) for i in batch), 1)
         baseline = step_baseline(examples, batch, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss_sum, kl_sum, clipped = 0.0, 0.0, 0
@@ -266,7 +287,8 @@ def train_iteration(model, examples: list[OpdExample], cfg: OpdConfig, iteration
             example = examples[i]
             logprobs = token_logprobs(model, example, device, precision)
             loss, stats = opd_loss(logprobs, torch.tensor(example.old, device=device),
-                                   torch.tensor(example.teacher, device=device), cfg.kl_clip, baseline)
+                                   torch.tensor(example.teacher, device=device), cfg.kl_clip, baseline,
+                                   masks[i])
             (loss / total).backward()
             loss_sum += float(loss.detach())
             kl_sum += stats["kl_sum"]

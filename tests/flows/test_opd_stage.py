@@ -106,7 +106,8 @@ def test_two_iterations_score_every_student_token_and_the_evaluation_runs_agent_
         turns = [m["content"] for m in json.loads(messages_json) if m["role"] == "assistant"]
         assert token_ids == tokenizer(turns[step - 1], add_special_tokens=False).input_ids
         assert positions == list(range(len(token_ids)))
-        assert set(segments) == ({"final"} if step == 2 else {"thought", "code"})
+        # every scripted action ends with the <end_code> marker: its tokens are the segment "stop"
+        assert set(segments) == ({"final", "stop"} if step == 2 else {"thought", "code", "stop"})
     _, kl = query(home, "select iteration, sum(tokens), sum(kl * tokens) / sum(tokens) from token_kl "
                         "group by all order by iteration")
     assert [row[0] for row in kl] == [1, 2] and all(row[1] > 0 for row in kl)

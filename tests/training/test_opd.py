@@ -17,6 +17,7 @@ from training.opd import (
     step_baseline,
     token_logprobs,
     train_iteration,
+    trained_tokens,
 )
 
 CONVERSATION = [
@@ -43,8 +44,13 @@ def test_only_the_assistant_turns_tokens_carry_loss(smollm_tokenizer):
     observation_at = next(i for i in range(len(full)) if full[i:i + len(rendered_user)] == rendered_user)
     assert not set(range(observation_at, observation_at + len(rendered_user))) & set(example.positions)
     assert max(example.positions) < len(full) - 1  # the closing end-of-turn token was not generated text
-    assert example.segments[:3] == ["thought"] * 3 and set(example.segments[-len(turns[1].token_ids):]) == {"final"}
-    assert "code" in example.segments[:len(turns[0].token_ids)]
+    first, last = example.segments[:len(turns[0].token_ids)], example.segments[len(turns[0].token_ids):]
+    assert first[:3] == ["thought"] * 3 and "code" in first and set(last) == {"final", "stop"}
+    # The <end_code> marker that ended each action is its own segment: exactly its tokens, at the turn's end.
+    for turn, segments in zip(turns, (first, last)):
+        stop = [tid for tid, segment in zip(turn.token_ids, segments) if segment == "stop"]
+        assert segments[-len(stop):] == ["stop"] * len(stop)
+        assert smollm_tokenizer.decode(stop) == "<end_code>"
 
 
 def test_an_episode_that_hit_the_step_limit_is_aligned_whole(smollm_tokenizer):
@@ -101,9 +107,9 @@ def test_the_estimator_is_the_reinforce_gradient_with_the_clipped_log_ratio():
 
 
 def test_the_batch_mean_baseline_is_the_steps_mean_clipped_advantage_and_shifts_every_tokens_gradient():
-    examples = [OpdExample(("d", "q", 0), [], [], teacher=[-0.5, -9.0], old=[-1.0, -2.0], steps=[], segments=[]),
-                OpdExample(("d", "q", 1), [], [], teacher=[-3.0], old=[-3.0], steps=[], segments=[]),
-                OpdExample(("d", "q", 2), [], [], teacher=[0.0], old=[-4.0], steps=[], segments=[])]
+    examples = [OpdExample(("d", "q", 0), [], [], teacher=[-0.5, -9.0], old=[-1.0, -2.0], steps=[], segments=["code"] * 2),
+                OpdExample(("d", "q", 1), [], [], teacher=[-3.0], old=[-3.0], steps=[], segments=["code"]),
+                OpdExample(("d", "q", 2), [], [], teacher=[0.0], old=[-4.0], steps=[], segments=["code"])]
     mean = OpdConfig(kl_clip=2.0, baseline="batch_mean")
     # clipped advantages of episodes 0 and 1: 0.5, -2.0 (clipped from -7.0), 0.0; episode 2 is not in the step
     assert step_baseline(examples, [0, 1], mean) == pytest.approx(-0.5)
@@ -116,6 +122,24 @@ def test_the_batch_mean_baseline_is_the_steps_mean_clipped_advantage_and_shifts_
     assert logprobs.grad.tolist() == pytest.approx([-1.0, 1.5, -0.5])
     assert float(loss) == pytest.approx(0.0)  # at π = π_old the advantages minus their mean sum to zero
     assert stats["kl_sum"] == pytest.approx(6.5)  # the reported KL does not include the baseline
+
+
+def test_a_masked_stop_marker_carries_no_loss_and_no_part_of_the_baseline():
+    segments = ["thought", "code", "stop", "stop"]
+    example = OpdExample(("d", "q", 0), [], [], teacher=[-0.5, -1.0, -3.0, -2.0], old=[-1.0, -1.0, -0.01, -0.01],
+                         steps=[1] * 4, segments=segments)
+    masked, scored = OpdConfig(baseline="batch_mean"), OpdConfig(baseline="batch_mean", stop_marker="scored")
+    assert masked.stop_marker == "masked"  # the default
+    assert step_baseline([example], [0], masked) == pytest.approx((0.5 + 0.0) / 2)
+    assert step_baseline([example], [0], scored) == pytest.approx((0.5 + 0.0 - 2.99 - 1.99) / 4)
+    for cfg, expected in ((masked, [-0.25, 0.25, 0.0, 0.0]), (scored, [-1.62, -1.12, 1.87, 0.87])):
+        logprobs = torch.tensor(example.old, requires_grad=True)
+        keep = torch.tensor(trained_tokens(example, cfg))
+        loss, stats = opd_loss(logprobs, logprobs.detach().clone(), torch.tensor(example.teacher), kl_clip=5.0,
+                               baseline=step_baseline([example], [0], cfg), trained=keep)
+        loss.backward()
+        assert logprobs.grad.tolist() == pytest.approx(expected, abs=1e-6)
+        assert stats["tokens"] == (2 if cfg is masked else 4)
 
 
 def test_misaligned_scores_are_refused(smollm_tokenizer):
