@@ -250,13 +250,11 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def load_tokenizer(spec: str):
-    """The student's tokenizer from local files (never the hub)."""
-    from transformers import AutoTokenizer
-
+    """The student's tokenizer from local files (never the hub); a GGUF's through the tokenizer cache."""
+    from agent_runtime.backends.transformers_backend import load_tokenizer as cached_tokenizer
     from models.resolve import resolve_model
 
-    source = resolve_model(spec)
-    return AutoTokenizer.from_pretrained(source.path, **source.from_pretrained_kwargs())
+    return cached_tokenizer(resolve_model(spec))
 
 
 def load_lora_model(cfg: TrainConfig, dtype: torch.dtype) -> torch.nn.Module:
@@ -264,10 +262,11 @@ def load_lora_model(cfg: TrainConfig, dtype: torch.dtype) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from agent_runtime.backends.transformers_backend import hf_folder
     from models.resolve import resolve_model
 
-    source = resolve_model(cfg.base_model)
-    base = AutoModelForCausalLM.from_pretrained(source.path, **source.from_pretrained_kwargs(), dtype=dtype)
+    # A GGUF base is read from its de-quantised cache folder, as the transformers backend and OPD read it.
+    base = AutoModelForCausalLM.from_pretrained(hf_folder(resolve_model(cfg.base_model)), dtype=dtype)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,

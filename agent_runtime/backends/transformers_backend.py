@@ -421,7 +421,7 @@ def load_model(
     src: ModelSource, device: torch.device, dtype: torch.dtype, adapter: str | None
 ) -> tuple[PreTrainedModel, object]:
     """Load (model, tokenizer) from local files; a GGUF goes through the de-quantised cache folder."""
-    folder = dequantized_folder(src) if src.gguf_file else src.path
+    folder = hf_folder(src)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     if adapter is not None:
@@ -438,6 +438,15 @@ def apply_adapter(model: PreTrainedModel, adapter: Path) -> PreTrainedModel:
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+
+
+def hf_folder(src: ModelSource) -> Path:
+    """A Hugging Face folder of ``src``: its own, or for a GGUF the de-quantised cache (built on first use).
+
+    Reading a GGUF costs much more than the folder: transformers parses its metadata field by field (the
+    Qwen2.5 tokenizer's 151k-entry vocabulary alone takes ~17 s on a 2-core AVX2 CPU) and de-quantises every
+    tensor, at each load; the folder loads in seconds."""
+    return dequantized_folder(src) if src.gguf_file else src.path
 
 
 def dequantized_folder(src: ModelSource) -> Path:
@@ -471,13 +480,20 @@ def dequantized_path(src: ModelSource) -> Path:
 
 
 def load_tokenizer(src: ModelSource):
-    """Just the tokenizer: from the de-quantised cache when it exists (fast), else from the GGUF or folder."""
-    if src.gguf_file:
-        folder = dequantized_path(src)
-        if (folder / "config.json").is_file():
-            return AutoTokenizer.from_pretrained(folder)
-        return AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
-    return AutoTokenizer.from_pretrained(src.path)
+    """Just the tokenizer. For a GGUF: from the de-quantised cache when it exists, else from a tokenizer-only
+    cache beside it (written on first use, atomically), so the GGUF's metadata is parsed once per machine."""
+    if not src.gguf_file:
+        return AutoTokenizer.from_pretrained(src.path)
+    folder = dequantized_path(src)
+    if (folder / "config.json").is_file():
+        return AutoTokenizer.from_pretrained(folder)
+    cached = folder.with_name(folder.name + "-tokenizer")
+    if (cached / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(cached)
+    tokenizer = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    with atomic_dir(cached, replace=False) as temp:  # another process that finished first keeps its copy
+        tokenizer.save_pretrained(temp)
+    return tokenizer
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer) -> list[int]:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from agent_runtime.backends import BackendConfig
 from agent_runtime.backends.transformers_backend import (
-    dequantized_folder,
+    hf_folder,
     paired,
     prompt_ids,
     repeat_completion,
@@ -193,7 +193,7 @@ class VLLMGenerator:
 def model_folder(cfg: BackendConfig) -> Path:
     """The Hugging Face folder vLLM loads for ``cfg.model`` (a GGUF spec: its de-quantised folder)."""
     src = resolve_model(cfg.model)
-    return dequantized_folder(src) if src.gguf_file else src.path
+    return hf_folder(src)
 
 
 def adapter_key(adapter: str) -> str:

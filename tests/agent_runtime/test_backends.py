@@ -434,6 +434,34 @@ def test_dequantized_cache_matches_the_gguf(smol_fp32):
         assert torch.equal(model(ids).logits, smol.model(ids).logits)
 
 
+def test_a_gguf_tokenizer_is_parsed_once_then_read_from_its_cache(tmp_path, monkeypatch):
+    """The first load parses the GGUF and writes a tokenizer-only folder; later loads read that folder (and
+    never the GGUF: a loader that reads it fails the second load), and the tokenizer is the same."""
+    from transformers import AutoTokenizer
+
+    from agent_runtime.backends.transformers_backend import dequantized_path, load_tokenizer
+    from models.resolve import resolve_model
+    from training.sft import tokenizer_fingerprint
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    src = resolve_model("smollm2-135m-instruct")
+    cached = dequantized_path(src).with_name(dequantized_path(src).name + "-tokenizer")
+    assert not cached.exists()
+    first = load_tokenizer(src)
+    assert (cached / "tokenizer_config.json").is_file() and not dequantized_path(src).exists()
+    real = AutoTokenizer.from_pretrained
+
+    def refuse_gguf(path, *args, **kwargs):
+        assert "gguf_file" not in kwargs, "the GGUF was parsed again"
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", refuse_gguf)
+    second = load_tokenizer(src)
+    assert tokenizer_fingerprint(second) == tokenizer_fingerprint(first)
+    text = "<|im_start|>user\nWhat is 17 + 25?<|im_end|>\n"
+    assert second(text).input_ids == first(text).input_ids
+
+
 # --- vLLM -------------------------------------------------------------------------------------------
 
 
