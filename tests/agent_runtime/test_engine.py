@@ -356,7 +356,7 @@ def test_scripted_generator_from_file(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_smollm2_runs_as_a_codeact_agent_with_sag(sandbox) -> None:
-    """The embedded SmolLM2 through the transformers backend: 8 questions, SAG N=4, full step records.
+    """The embedded SmolLM2 through the transformers backend: 4 questions, SAG N=4, full step records.
 
     A 135M model rarely follows the CodeAct format, so this checks that every episode completes with
     complete, consistent records, not that it answers correctly. The short student prompt keeps the
@@ -370,7 +370,7 @@ def test_smollm2_runs_as_a_codeact_agent_with_sag(sandbox) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     generator = make_generator(BackendConfig(kind="transformers", model="smollm2-135m-instruct"))
-    pairs = [(12, 34), (56, 7), (89, 10), (11, 121), (250, 4), (99, 99), (1234, 5), (640, 32)]
+    pairs = [(12, 34), (56, 7), (250, 4), (1234, 5)]  # 8 took 139 s on a 2-core AVX2 CPU (CI's budget)
     tasks = [AgentTask(f"arith-{i}", f"What is {a} * {b}?") for i, (a, b) in enumerate(pairs)]
     cfg = AgentConfig(max_steps=2, prompt="student", max_new_tokens=48, sag=SagConfig(enabled=True, n=4))
     try:
