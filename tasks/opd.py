@@ -6,7 +6,8 @@ index, and writes, in three resumable phases (a killed run keeps every finished 
 1. ``opd_episodes/``, ``opd_steps/``: the student's episodes on the training questions, one part per dataset,
    sampled with the student backend (``student``, with the adapter) at ``opd.agent``'s temperature;
 2. ``opd_tokens.parquet``: every token the student generated, with its log-prob under the teacher (scored
-   in the student's own context by ``opd.scorer``) and under the sampling adapter;
+   in the student's own context by ``opd.scorer``, or with the teacher's system prompt in place of the
+   student's: ``opd.scorer_prompt``) and under the sampling adapter;
 3. ``adapter/``, ``opd_losses.parquet``, ``kl.png``: the adapter after the reverse-KL update.
 
 The artifact id hashes ``opd`` (but not ``iterations``), the iteration, the student and teacher settings,
@@ -24,6 +25,7 @@ import pyarrow as pa
 from prefect import task
 
 from agent_runtime.generation import Request
+from agent_runtime.prompts import system_prompt
 from agent_runtime.rollout import run_questions
 from agent_runtime.sandbox import Sandbox
 from common.files import atomic_dir
@@ -104,8 +106,13 @@ def sample_episodes(artifact: Artifact, cfg: PipelineConfig, iteration: int, sta
 
 SCORE_CHUNK = 32  # assistant turns per score call (the backend batches within it): progress granularity
 
-def turn_requests(messages: list[dict]) -> list[tuple[Request, str]]:
-    """(the context, the text) of every assistant turn of an episode: what the student saw and wrote."""
+def turn_requests(messages: list[dict], system: str | None = None) -> list[tuple[Request, str]]:
+    """(the context, the text) of every assistant turn of an episode: what the student saw and wrote; with
+    ``system``, that system message in place of the student's (the rest of the context unchanged)."""
+    if system is not None:
+        if not messages or messages[0].get("role") != "system":
+            raise ExampleError("the episode does not start with a system message to replace")
+        messages = [{"role": "system", "content": system}, *messages[1:]]
     return [(Request(messages[:i]), m["content"]) for i, m in enumerate(messages) if m["role"] == "assistant"]
 
 
@@ -115,7 +122,9 @@ def score_tokens(artifact: Artifact, cfg: PipelineConfig, iteration: int, start:
     finals = final_turns(read_table(artifact.path, "opd_steps"))
     conversations = [(key, json.loads(m)) for key, m in zip(episode_keys(episodes),
                                                              episodes.column("messages_json").to_pylist())]
-    pairs = [(key, request, text) for key, messages in conversations for request, text in turn_requests(messages)]
+    system = system_prompt("teacher") if cfg.opd.scorer_prompt == "teacher" else None
+    pairs = [(key, request, text) for key, messages in conversations
+             for request, text in turn_requests(messages, system)]
     # Similar lengths together: a scoring batch is padded to its longest row.
     order = sorted(range(len(pairs)), key=lambda i: len(str(pairs[i][1].messages)) + len(pairs[i][2]))
     progress = Progress(len(pairs), f"opd {iteration}: teacher scores")

@@ -77,6 +77,10 @@ class OpdConfig(BaseModel):
     scorer: BackendConfig | None = Field(
         None, description="the teacher on a backend that scores given tokens (transformers, vllm, or vLLM's "
                           "server through openai); None: the teacher's model on transformers")
+    scorer_prompt: Literal["student", "teacher"] = Field(
+        "student", description="the system prompt of the context the teacher scores in: student (exactly the "
+                               "student's context, as published) or teacher (its own prompt, with the action "
+                               "format's worked examples, in place of the student's; the rest unchanged)")
     learning_rate: float = Field(2e-5, gt=0, description="AdamW learning rate of the adapter (constant)")
     episodes_per_step: int = Field(8, ge=1, description="episodes per optimizer step")
     epochs: int = Field(1, ge=1, description="passes over an iteration's episodes")

@@ -211,3 +211,19 @@ def test_one_iteration_on_its_own_samples_lowers_the_students_reverse_kl(tiny_st
     assert len(rows) == -(-len(examples) * cfg.epochs // cfg.episodes_per_step) and all(r["tokens"] > 0 for r in rows)
     assert all((r["baseline"] == 0.0) == (baseline == "none") for r in rows)
     assert after < 0.7 * before, (before, after)
+
+
+def test_the_teacher_can_score_under_its_own_system_prompt():
+    from agent_runtime.prompts import TEACHER_SYSTEM_PROMPT
+    from tasks.opd import turn_requests
+
+    own = turn_requests(CONVERSATION)
+    teachers = turn_requests(CONVERSATION, TEACHER_SYSTEM_PROMPT)
+    assert [text for _, text in teachers] == [text for _, text in own]  # the same tokens are scored
+    for (mine, _), (theirs, _) in zip(own, teachers):
+        assert mine.messages[0] == CONVERSATION[0]
+        assert theirs.messages[0] == {"role": "system", "content": TEACHER_SYSTEM_PROMPT}
+        assert theirs.messages[1:] == mine.messages[1:]
+    assert OpdConfig().scorer_prompt == "student"  # the published setting is the default
+    with pytest.raises(ExampleError, match="system message"):
+        turn_requests(CONVERSATION[1:], TEACHER_SYSTEM_PROMPT)
