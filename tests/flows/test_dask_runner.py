@@ -19,9 +19,6 @@ from flows_fixtures import write_inputs
 
 from storage.catalog import query
 
-# Its slow tests share one fixture and run on one xdist worker (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("dask")
-
 pytest.importorskip("prefect_dask", reason="the dask extra is not installed: pip install -e '.[dask]'")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,7 +104,6 @@ def test_dask_workers_keep_the_gpus_they_were_started_with():
 
 
 @pytest.mark.slow
-@pytest.mark.shares_cores
 def test_dask_runner_predicts_what_the_threads_runner_predicts(tmp_path, cluster, api_url):
     local, client = cluster
     expected = threads_predictions(tmp_path, api_url, seconds=0)
@@ -128,7 +124,6 @@ def test_dask_runner_predicts_what_the_threads_runner_predicts(tmp_path, cluster
 
 
 @pytest.mark.slow
-@pytest.mark.shares_cores
 def test_a_worker_killed_mid_run_leaves_every_question_predicted_once(tmp_path, cluster, api_url):
     local, client = cluster
     expected = threads_predictions(tmp_path, api_url, seconds=1.5)

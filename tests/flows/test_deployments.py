@@ -36,9 +36,6 @@ from questions.datasets import DatasetConfig
 from services.processes import free_port, project_env, tail
 from storage.store import ArtifactStore
 
-# Its slow tests share one fixture and run on one xdist worker (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("deployments")
-
 ROOT = Path(__file__).resolve().parents[2]
 FLOWS = {"pipeline", *stage_names(), "reevaluate"}
 
@@ -333,7 +330,6 @@ def stack(tmp_path_factory):
 
 @pytest.mark.server
 @pytest.mark.slow
-@pytest.mark.shares_cores
 @pytest.mark.timeout(1800)  # server start (420 s) + the run (1200 s): longer than the suite's default
 def test_pipeline_deployment_runs_on_a_real_server(stack):
     from prefect.deployments import run_deployment
@@ -357,7 +353,6 @@ def test_pipeline_deployment_runs_on_a_real_server(stack):
 
 @pytest.mark.server
 @pytest.mark.slow
-@pytest.mark.shares_cores
 def test_reevaluation_schedule_is_visible_with_the_configured_cron(stack):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -381,7 +376,6 @@ def test_reevaluation_schedule_is_visible_with_the_configured_cron(stack):
 
 @pytest.mark.server
 @pytest.mark.slow
-@pytest.mark.shares_cores
 def test_reevaluate_deployment_evaluates_the_newest_adapter(stack):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -406,7 +400,6 @@ def test_reevaluate_deployment_evaluates_the_newest_adapter(stack):
 
 @pytest.mark.server
 @pytest.mark.slow
-@pytest.mark.shares_cores
 def test_deployments_register_in_a_process_work_pool(stack):
     """Last in the module: it moves the served deployments into the pool."""
     from prefect.client.orchestration import get_client

@@ -27,9 +27,6 @@ from bench.local_services import (
 from flows.deployments import DEPLOYMENT_NAME
 from services.processes import free_port, project_env
 
-# Its slow tests share one fixture and run on one xdist worker (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("postgres")
-
 POOL = "distillery-postgres"
 if postgres_bin() is None and not os.environ.get("CI"):
     pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql; .ci/run installs it)",
@@ -52,7 +49,6 @@ def completed_flow_runs_in_postgres(database) -> int:
 
 @pytest.mark.server
 @pytest.mark.slow
-@pytest.mark.shares_cores
 def test_two_concurrent_deployment_runs_on_two_workers_with_postgres(tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment

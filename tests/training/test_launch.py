@@ -20,9 +20,6 @@ from training.checkpoints import latest_checkpoint
 from training.launch import TrainJob, launch_accelerate, read_examples, write_job
 from training.sft import TrainConfig, train_lora
 
-# Its slow tests share one fixture and run on one xdist worker (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("launch")
-
 
 def job_for(tmp_path: Path, base: Path, **overrides) -> TrainJob:
     values = {"base_model": str(base), "per_device_batch_size": 1, "grad_accum": 1, "epochs": 2,
@@ -61,7 +58,6 @@ def test_bad_examples_file_names_the_row(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.shares_cores
 def test_accelerate_launch_single_device_trains_on_cpu(tmp_path, tiny_student):
     job = job_for(tmp_path, tiny_student, max_steps=3)
     completed = launch_accelerate(write_job(tmp_path / "job.json", job), CONFIGS / "single_device.yaml")
@@ -72,7 +68,6 @@ def test_accelerate_launch_single_device_trains_on_cpu(tmp_path, tiny_student):
 
 
 @pytest.mark.slow
-@pytest.mark.shares_cores
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_student):
     job = job_for(tmp_path, tiny_student, max_steps=20, checkpoint_every=2)
     process = subprocess.Popen([sys.executable, "-m", "training.launch", str(write_job(tmp_path / "job.json", job))],
