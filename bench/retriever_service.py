@@ -46,11 +46,10 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.files import cache_dir
 from services.processes import free_port
 
-DEFAULT_INDEX_DIR = (
-    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distillery/bench/vital-articles"
-)
+DEFAULT_INDEX_DIR = cache_dir() / "bench" / "vital-articles"
 # The third server: this checkout with limits that accept the large request (the chunking alone).
 RAISED = {"max_queries": 4096, "max_passages": 4_096_000, "max_response_bytes": 4 << 30, "max_body_bytes": 64 << 20}
 # Started in the checkout's directory, so that its own ``retrieval`` package is imported.

@@ -25,6 +25,12 @@ from common.errors import DiskFull
 TMP_MARK = ".tmp-"
 
 
+def cache_dir() -> Path:
+    """The project's cache on this machine: ``$XDG_CACHE_HOME/distillery`` (``~/.cache/distillery`` when unset
+    or empty), read at each call so that a changed environment is followed."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "distillery"
+
+
 def temp_prefix(name: str) -> str:
     """Temporary names carry the writer's pid, so cleaning never removes a live writer's file."""
     return f"{name}{TMP_MARK}{os.getpid()}-"

@@ -15,6 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from common.files import cache_dir
 from flows import stages
 
 
@@ -139,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Importing parts of torch makes its compile cache in $TMPDIR/torchinductor_<user>, which outlives
     # every run there; a cache belongs beside the project's others ($XDG_CACHE_HOME/distillery).
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "distillery"
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "torchinductor"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torchinductor"))
     if args.home:
         os.environ["DISTILLERY_HOME"] = str(Path(args.home).resolve())
     if args.command == "retriever":

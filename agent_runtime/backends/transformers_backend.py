@@ -30,7 +30,6 @@ folder under ``$XDG_CACHE_HOME/distillery/dequantized/<gguf name>-<content hash>
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from pathlib import Path
 
@@ -49,7 +48,7 @@ from agent_runtime.generation import (
     cut_at_stop,
     sample_seed,
 )
-from common.files import atomic_dir
+from common.files import atomic_dir, cache_dir
 from devices.precision import resolve_dtype
 from models.resolve import ModelSource, resolve_model
 
@@ -475,7 +474,7 @@ def dequantized_path(src: ModelSource) -> Path:
     with gguf.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "distillery" / "dequantized"
+    cache = cache_dir() / "dequantized"
     return cache / f"{gguf.stem}-{digest.hexdigest()[:16]}"
 
 
