@@ -29,6 +29,7 @@ folder under ``$XDG_CACHE_HOME/distillery/dequantized/<gguf name>-<content hash>
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from pathlib import Path
@@ -470,12 +471,19 @@ def dequantized_folder(src: ModelSource) -> Path:
 def dequantized_path(src: ModelSource) -> Path:
     """Where ``dequantized_folder`` keeps ``src``'s GGUF, named by the GGUF's content hash."""
     gguf = src.path / src.gguf_file
+    stat = gguf.stat()
+    return cache_dir() / "dequantized" / f"{gguf.stem}-{_content_digest(gguf, stat.st_size, stat.st_mtime_ns)}"
+
+
+@functools.lru_cache(maxsize=16)
+def _content_digest(path: Path, size: int, mtime_ns: int) -> str:
+    """The first 16 hex digits of the file's SHA-256, hashed once per process for a given size and mtime
+    (a training run asks for its base's tokenizer and then its weights: 0.45 s of hashing each for the 0.5B)."""
     digest = hashlib.sha256()
-    with gguf.open("rb") as handle:
+    with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
-    cache = cache_dir() / "dequantized"
-    return cache / f"{gguf.stem}-{digest.hexdigest()[:16]}"
+    return digest.hexdigest()[:16]
 
 
 def load_tokenizer(src: ModelSource):
