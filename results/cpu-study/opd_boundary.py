@@ -26,23 +26,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def token_classes(tokenizer, ids: list[int], segments: list[str]) -> list[str]:
-    """A class per token: ``stop`` (the action's trailing <end_code>), ``fence`` (the closing ```), else the
-    segment."""
-    from agent_runtime.prompts import END_CODE
+def token_classes(tokenizer, text: str, ids: list[int], stored: list[str]) -> list[str]:
+    """A class per token: its segment as the opd stage labels it (``training.opd.token_segments``: ``stop`` for
+    the action's trailing <end_code>), with the closing ``` just before the marker as ``fence``."""
+    from training.opd import token_segments
 
-    classes = list(segments)
-    text = tokenizer.decode(ids)
-    if text.endswith(END_CODE):
-        tail = ""
-        for k in range(len(ids) - 1, -1, -1):
-            tail = tokenizer.decode(ids[k:])
-            classes[k] = "stop"
-            if len(tail) >= len(END_CODE):
-                break
-        k -= 1
-        if k >= 0 and tokenizer.decode([ids[k]]).strip().startswith("```"):
-            classes[k] = "fence"
+    classes = token_segments(tokenizer, text, ids, is_final=set(stored) == {"final"})
+    marker = classes.index("stop") if "stop" in classes else 0
+    if marker and tokenizer.decode([ids[marker - 1]]).strip().startswith("```"):
+        classes[marker - 1] = "fence"
     return classes
 
 
@@ -91,12 +83,12 @@ def main() -> int:
     for context, requests in contexts.items():
         started = time.perf_counter()
         scored = generator.score(requests, [text for _, _, text in turns])
-        for (key, _, _), result in zip(turns, scored):
+        for (key, _, text), result in zip(turns, scored):
             stored = tokens[key]
             if [s[0] for s in stored] != result.token_ids:
                 print(f"warning: {key}: tokens differ from the stored ones; skipped", file=sys.stderr)
                 continue
-            classes = token_classes(tokenizer, result.token_ids, [s[1] for s in stored])
+            classes = token_classes(tokenizer, text, result.token_ids, [s[1] for s in stored])
             for (_, _, old, teacher_stored), lp, cls in zip(stored, result.logprobs, classes):
                 for name in (cls, "all"):
                     entry = sums[(context, name)]
