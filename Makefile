@@ -44,13 +44,16 @@ $(VLLM_STAMP): Makefile
 demo: setup
 	$(VENV)/bin/distillery run
 
-# The tests not marked slow run on two pytest-xdist workers (most of their time is spent starting Python,
-# Prefect and subprocesses, not computing); the slow ones (real models, whole runs, each using every core)
-# then run one at a time. Both parts always run; exit status 5 (nothing selected) is no failure.
+# The tests not marked slow, and the slow ones light on CPU (marked shares_cores: scripted or tiny models,
+# servers, launchers), run on two pytest-xdist workers (most of their time is spent starting Python, Prefect
+# and subprocesses, not computing); --dist loadscope sends each module to one worker, so a module-scoped
+# fixture (a Prefect or PostgreSQL server, a Dask cluster) starts once. The other slow ones (real models,
+# whole runs, each using every core) then run one at a time. Both parts always run; exit status 5 (nothing
+# selected) is no failure.
 test: setup
 	@status=0; \
-	$(PY) -m pytest -m "not slow" -n 2 $(PYTEST_ARGS) || { code=$$?; [ $$code -eq 5 ] || status=$$code; }; \
-	$(PY) -m pytest -m slow $(PYTEST_ARGS) || { code=$$?; [ $$code -eq 5 ] || status=$$code; }; \
+	$(PY) -m pytest -m "not slow or shares_cores" -n 2 --dist loadscope $(PYTEST_ARGS) || { code=$$?; [ $$code -eq 5 ] || status=$$code; }; \
+	$(PY) -m pytest -m "slow and not shares_cores" $(PYTEST_ARGS) || { code=$$?; [ $$code -eq 5 ] || status=$$code; }; \
 	exit $$status
 
 test-fast: setup

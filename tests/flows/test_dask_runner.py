@@ -104,6 +104,7 @@ def test_dask_workers_keep_the_gpus_they_were_started_with():
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_dask_runner_predicts_what_the_threads_runner_predicts(tmp_path, cluster, api_url):
     local, client = cluster
     expected = threads_predictions(tmp_path, api_url, seconds=0)
@@ -124,6 +125,7 @@ def test_dask_runner_predicts_what_the_threads_runner_predicts(tmp_path, cluster
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_a_worker_killed_mid_run_leaves_every_question_predicted_once(tmp_path, cluster, api_url):
     local, client = cluster
     expected = threads_predictions(tmp_path, api_url, seconds=1.5)

@@ -328,10 +328,9 @@ def stack(tmp_path_factory):
         stop(server, timeout_s=90)
 
 
-@pytest.mark.server
-@pytest.mark.slow
-@pytest.mark.timeout(1800)  # server start (420 s) + the run (1200 s): longer than the suite's default
-def test_pipeline_deployment_runs_on_a_real_server(stack):
+@pytest.fixture(scope="module")
+def pipeline_run(stack):
+    """One run of the pipeline deployment on the tiny config (its adapter is what the re-evaluation reads)."""
     from prefect.deployments import run_deployment
 
     started = time.monotonic()
@@ -340,7 +339,15 @@ def test_pipeline_deployment_runs_on_a_real_server(stack):
                              timeout=1200, poll_interval=3)
     print(f"\npipeline deployment run: {time.monotonic() - started:.0f} s")
     assert run.state.is_completed(), f"{run.state}\n{stack.tail()}"
-    assert run.parameters["cfg"]["rollout"]["limit"] == 2
+    return run
+
+
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.shares_cores
+@pytest.mark.timeout(1800)  # server start (420 s) + the run (1200 s): longer than the suite's default
+def test_pipeline_deployment_runs_on_a_real_server(stack, pipeline_run):
+    assert pipeline_run.parameters["cfg"]["rollout"]["limit"] == 2
     rows = stack.query("select stage, count(*) as n from artifacts group by stage")
     assert {r["stage"]: r["n"] for r in rows} == {"index": 1, "rollout": 1, "sft": 1, "train": 1,
                                                     "evaluate": 1}
@@ -353,6 +360,7 @@ def test_pipeline_deployment_runs_on_a_real_server(stack):
 
 @pytest.mark.server
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_reevaluation_schedule_is_visible_with_the_configured_cron(stack):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -376,7 +384,9 @@ def test_reevaluation_schedule_is_visible_with_the_configured_cron(stack):
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_reevaluate_deployment_evaluates_the_newest_adapter(stack):
+@pytest.mark.shares_cores
+@pytest.mark.timeout(1800)  # the pipeline run (its fixture) when this test runs first or alone
+def test_reevaluate_deployment_evaluates_the_newest_adapter(stack, pipeline_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.deployments import run_deployment
@@ -400,8 +410,10 @@ def test_reevaluate_deployment_evaluates_the_newest_adapter(stack):
 
 @pytest.mark.server
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_deployments_register_in_a_process_work_pool(stack):
-    """Last in the module: it moves the served deployments into the pool."""
+    """Last in the module (make test keeps a module on one xdist worker, in file order): it moves the served
+    deployments into the pool, and its registration carries the default re-evaluation schedule."""
     from prefect.client.orchestration import get_client
 
     env = project_env(PREFECT_API_URL=stack.api_url)

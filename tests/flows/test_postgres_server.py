@@ -49,6 +49,7 @@ def completed_flow_runs_in_postgres(database) -> int:
 
 @pytest.mark.server
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_two_concurrent_deployment_runs_on_two_workers_with_postgres(tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment

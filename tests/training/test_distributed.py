@@ -79,6 +79,7 @@ def two_and_one(tmp_path_factory, tiny_student):
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_two_processes_match_one_process_at_the_same_global_batch(two_and_one):
     tmp, _ = two_and_one
     metrics = {name: json.loads((tmp / name / "metrics.json").read_text()) for name in ("two", "one")}
@@ -100,6 +101,7 @@ def test_two_processes_match_one_process_at_the_same_global_batch(two_and_one):
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_only_the_main_process_writes_the_artifact_files(two_and_one):
     tmp, two = two_and_one
     checkpoint_files = {"COMPLETE", "progress.json", "model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl"}
@@ -149,6 +151,7 @@ def sft_data(store: ArtifactStore, examples: list[list[dict]]):
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_a_rank_that_dies_fails_the_stage_with_one_error_and_a_rerun_resumes(tmp_path, two_and_one, tiny_student):
     from tasks.train import train_adapter
 

@@ -58,6 +58,7 @@ def test_bad_examples_file_names_the_row(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_accelerate_launch_single_device_trains_on_cpu(tmp_path, tiny_student):
     job = job_for(tmp_path, tiny_student, max_steps=3)
     completed = launch_accelerate(write_job(tmp_path / "job.json", job), CONFIGS / "single_device.yaml")
@@ -68,6 +69,7 @@ def test_accelerate_launch_single_device_trains_on_cpu(tmp_path, tiny_student):
 
 
 @pytest.mark.slow
+@pytest.mark.shares_cores
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_student):
     job = job_for(tmp_path, tiny_student, max_steps=20, checkpoint_every=2)
     process = subprocess.Popen([sys.executable, "-m", "training.launch", str(write_job(tmp_path / "job.json", job))],
