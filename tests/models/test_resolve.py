@@ -28,12 +28,16 @@ def test_unknown_or_uncached_specs_say_how_to_provide_them(spec, message, tmp_pa
 
 @pytest.mark.slow
 def test_embedded_smollm2_loads_and_generates_for_a_chat_prompt():
+    """Through the folder the backends and training load (``hf_folder``: the GGUF de-quantised once, cached);
+    that it is the GGUF's model is tests/agent_runtime/test_backends.py::test_dequantized_cache_matches_the_gguf."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = resolve_model("smollm2-135m-instruct")
-    tokenizer = AutoTokenizer.from_pretrained(src.path, **src.from_pretrained_kwargs())
-    model = AutoModelForCausalLM.from_pretrained(src.path, **src.from_pretrained_kwargs(), dtype=torch.float32)
+    from agent_runtime.backends.transformers_backend import hf_folder
+
+    folder = hf_folder(resolve_model("smollm2-135m-instruct"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     assert model.dtype == torch.float32 and tokenizer.chat_template
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
