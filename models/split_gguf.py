@@ -21,12 +21,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import struct
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.gguf_header import header_value
 from models.resolve import ModelNotAvailable
 
 CHUNK_BYTES = 8 << 20
@@ -116,64 +116,10 @@ def sha256_of(path: Path) -> str:
 def gguf_general_name(path: Path) -> str | None:
     """``general.name`` from a GGUF header (None when the file is not a readable GGUF)."""
     try:
-        value = gguf_header_value(path, "general.name")
-    except (ValueError, OSError, struct.error):
+        value = header_value(path, "general.name")
+    except (ValueError, OSError):
         return None
     return value if isinstance(value, str) else None
-
-
-# Sizes of GGUF's scalar value types (gguf.GGUFValueType: UINT8 … FLOAT64; 8 is STRING, 9 ARRAY).
-_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-
-
-def gguf_header_value(path: Path, key: str):
-    """The value of one metadata ``key`` of a GGUF (v2 or v3) file, None when it has no such key.
-
-    Reads the key-value pairs in order and stops at ``key``: gguf's ``GGUFReader`` builds every field
-    first (a Qwen2.5 vocabulary of 151k strings: ~25 s on a 2-core AVX2 CPU); ``general.*`` keys come first.
-    ValueError for a file that is not GGUF v2/v3.
-    """
-    with path.open("rb") as handle:
-        def read(fmt: str):
-            size = struct.calcsize(fmt)
-            data = handle.read(size)
-            if len(data) != size:
-                raise ValueError(f"{path}: the GGUF header ends early")
-            return struct.unpack(fmt, data)[0]
-
-        def read_string() -> bytes:
-            return handle.read(read("<Q"))
-
-        def skip(kind: int) -> None:
-            if kind in _SCALAR_FORMATS:
-                handle.seek(struct.calcsize(_SCALAR_FORMATS[kind]), os.SEEK_CUR)
-            elif kind == _STRING:
-                handle.seek(read("<Q"), os.SEEK_CUR)
-            elif kind == _ARRAY:
-                item, count = read("<I"), read("<Q")
-                if item in _SCALAR_FORMATS:
-                    handle.seek(count * struct.calcsize(_SCALAR_FORMATS[item]), os.SEEK_CUR)
-                else:
-                    for _ in range(count):
-                        skip(item)
-            else:
-                raise ValueError(f"{path}: unknown GGUF value type {kind}")
-
-        if handle.read(4) != b"GGUF" or read("<I") not in (2, 3):
-            raise ValueError(f"{path} is not a GGUF v2/v3 file")
-        read("<Q")  # tensor count
-        for _ in range(read("<Q")):  # key-value count
-            name, kind = read_string().decode("utf-8", "replace"), read("<I")
-            if name != key:
-                skip(kind)
-            elif kind == _STRING:
-                return read_string().decode("utf-8")
-            elif kind in _SCALAR_FORMATS:
-                return read("<" + _SCALAR_FORMATS[kind])
-            else:
-                raise ValueError(f"{path}: {key} is a GGUF value of type {kind}, not a string or number")
-    return None
 
 
 def check_file(model: SplitGguf, path: Path) -> str | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from common.files import atomic_file
+from models.gguf_header import read_header
 from models.split_gguf import model_cache
 
 PEFT_PREFIX = "base_model.model."
@@ -34,22 +35,22 @@ class AdapterError(ValueError):
 
 
 def _base_info(base_gguf: Path) -> dict:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(base_gguf)
-
-    def field(name: str):
-        found = reader.get_field(name)
-        return None if found is None else found.contents()
-
-    arch = field("general.architecture")
-    return {
-        "arch": arch,
-        "blocks": int(field(f"{arch}.block_count")),
-        "heads": int(field(f"{arch}.attention.head_count")),
-        "kv_heads": int(field(f"{arch}.attention.head_count_kv") or field(f"{arch}.attention.head_count")),
-        "tensors": {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors},
-    }
+    try:
+        header = read_header(base_gguf)
+    except (ValueError, OSError) as exc:
+        raise AdapterError(f"{base_gguf}: not a readable GGUF ({exc})") from None
+    values = header.values
+    arch = values.get("general.architecture")
+    try:
+        return {
+            "arch": arch,
+            "blocks": int(values[f"{arch}.block_count"]),
+            "heads": int(values[f"{arch}.attention.head_count"]),
+            "kv_heads": int(values.get(f"{arch}.attention.head_count_kv") or values[f"{arch}.attention.head_count"]),
+            "tensors": header.tensors,
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AdapterError(f"{base_gguf}: its header lacks {exc} (architecture {arch!r})") from None
 
 
 def permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:

@@ -88,41 +88,6 @@ def test_a_file_with_another_header_name_is_rejected(split_model):
     assert "is GGUF 'Tiny Test Model', expected 'Something Else'" in split_gguf.verify(renamed)
 
 
-def test_a_header_value_is_read_past_arrays_and_scalars_of_every_kind(tmp_path):
-    import gguf
-    import numpy as np
-
-    path = tmp_path / "kinds.gguf"
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"] * 1000)  # before the keys asked for
-    writer.add_array("tokenizer.ggml.scores", [0.5, -1.25])
-    writer.add_uint32("llama.context_length", 4096)
-    writer.add_float32("llama.rope.freq_base", 10000.0)
-    writer.add_bool("tokenizer.ggml.add_bos_token", True)
-    writer.add_uint64("general.size", 2**40)
-    writer.add_name("After The Arrays")
-    writer.add_tensor("w", np.zeros((2, 2), dtype="float32"))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-    value = split_gguf.gguf_header_value
-    assert value(path, "general.name") == split_gguf.gguf_general_name(path) == "After The Arrays"
-    assert value(path, "general.architecture") == "llama"
-    assert (value(path, "llama.context_length"), value(path, "llama.rope.freq_base")) == (4096, 10000.0)
-    assert (value(path, "tokenizer.ggml.add_bos_token"), value(path, "general.size")) == (True, 2**40)
-    assert value(path, "no.such.key") is None
-    with pytest.raises(ValueError, match="not a string or number"):
-        value(path, "tokenizer.ggml.tokens")
-    truncated = tmp_path / "truncated.gguf"
-    truncated.write_bytes(path.read_bytes()[:200])  # ends inside the token array
-    assert split_gguf.gguf_general_name(truncated) is None
-    not_gguf = tmp_path / "model.bin"
-    not_gguf.write_bytes(b"PK\x03\x04" + bytes(100))
-    assert split_gguf.gguf_general_name(not_gguf) is None
-
-
 @pytest.mark.slow
 def test_distillery_models_lists_the_three_generative_models_verified():
     result = subprocess.run([sys.executable, "-m", "flows.cli", "models", "--format", "json"],
