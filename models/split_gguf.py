@@ -11,8 +11,8 @@ header's ``general.name`` and only then renames the file into place, so a reader
 or a wrong file. ``verify`` re-hashes an assembled file; a file that fails is reported and replaced
 by the next install (``make setup`` runs one every time).
 
-The cache is ``$DISTILLERY_MODEL_CACHE`` or ``~/.cache/distillery/models``: outside the repository,
-shared by every clone and virtual environment on the machine.
+The cache is ``$DISTILLERY_MODEL_CACHE`` or ``$XDG_CACHE_HOME/distillery/models`` (``~/.cache/distillery/models``
+when unset): outside the repository, shared by every clone and virtual environment on the machine.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.files import cache_dir
 from models.gguf_header import header_value
 from models.resolve import ModelNotAvailable
 
@@ -89,7 +90,9 @@ class ModelFileError(ModelNotAvailable):
 
 
 def model_cache() -> Path:
-    return Path(os.environ.get("DISTILLERY_MODEL_CACHE") or "~/.cache/distillery/models").expanduser()
+    """``$DISTILLERY_MODEL_CACHE``, else ``models`` in the project's cache folder (``common.files.cache_dir``)."""
+    configured = os.environ.get("DISTILLERY_MODEL_CACHE")
+    return Path(configured).expanduser() if configured else cache_dir() / "models"
 
 
 def assembled_path(model: SplitGguf) -> Path:
