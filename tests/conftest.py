@@ -18,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 SHARED_DATA = ROOT.parent / "shared" / "data"
-# Under pytest-xdist (`make test` runs the tests not marked slow on two workers) each worker process gets
+# Under pytest-xdist (`make test` runs the tests not marked slow on TEST_WORKERS workers) each worker process gets
 # its own Prefect home: its own SQLite database and temporary server, inherited by the CLIs it starts.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     prefect_home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
