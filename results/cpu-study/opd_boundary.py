@@ -1,13 +1,15 @@
 """Where the teacher's per-token judgement of an OPD iteration's tokens comes from: a check on stored tokens.
 
 Re-scores a sample of the student's assistant turns of an ``opd`` artifact (its ``opd_episodes`` and
-``opd_tokens.parquet``; the adapter is not needed) with the teacher on transformers, in the student's context
-as the stage did, and with the teacher's own system prompt in place of the student's. Per token class
-(the ``<end_code>`` stop marker that ends an action, the closing code fence, the rest of the thought, code and
-final turns) it prints the mean advantage log π_T − log π_old under each context, and at the last token of
-actions ended by the stop marker the teacher's most likely tokens instead. Run from an extracted record:
+``opd_tokens.parquet``; the adapter is not needed) with the teacher on transformers, with the teacher's own
+system prompt in place of the student's, and compares with the stage's stored scores of the same tokens in
+the student's context (``--rescore-student`` scores that context again too, to check the stored values). Per
+token class (the ``<end_code>`` stop marker that ends an action, the closing code fence, the rest of the
+thought, code and final turns) it prints the mean advantage log π_T − log π_old under each context, and at
+the last token of actions ended by the stop marker the teacher's most likely tokens instead. Run from an
+extracted record:
 
-    python results/cpu-study/opd_boundary.py --artifact /tmp/opd5/a76955546cd10b0a --turns 48
+    python results/cpu-study/opd_boundary.py --artifact /tmp/opd5/a76955546cd10b0a --turns 24
 
 Writes ``opd_boundary.csv`` beside this script (one row per token class and context).
 """
@@ -46,6 +48,9 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "opd_boundary.csv")
+    parser.add_argument("--rescore-student", action="store_true",
+                        help="score the student's context again (else its rows are the stage's stored teacher "
+                             "log-probs, which were scored in that context)")
     args = parser.parse_args()
 
     import duckdb
@@ -76,10 +81,20 @@ def main() -> int:
                                              batch_size=4))
     tokenizer = generator.tokenizer
     teacher_system = {"role": "system", "content": system_prompt("teacher")}
-    contexts = {"student_prompt": [r for _, r, _ in turns],
-                "teacher_prompt": [Request([teacher_system, *r.messages[1:]]) for _, r, _ in turns]}
+    contexts = {"teacher_prompt": [Request([teacher_system, *r.messages[1:]]) for _, r, _ in turns]}
+    if args.rescore_student:
+        contexts["student_prompt"] = [r for _, r, _ in turns]
     sums: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
-    drift = 0.0
+
+    def add(context: str, stored: list, logprobs: list[float], classes: list[str]) -> None:
+        for (_, _, old, _), lp, cls in zip(stored, logprobs, classes, strict=True):
+            for name in (cls, "all"):
+                entry = sums[(context, name)]
+                entry[0] += 1
+                entry[1] += lp - old
+                entry[2] += lp
+
+    drift = None
     for context, requests in contexts.items():
         started = time.perf_counter()
         scored = generator.score(requests, [text for _, _, text in turns])
@@ -89,16 +104,14 @@ def main() -> int:
                 print(f"warning: {key}: tokens differ from the stored ones; skipped", file=sys.stderr)
                 continue
             classes = token_classes(tokenizer, text, result.token_ids, [s[1] for s in stored])
-            for (_, _, old, teacher_stored), lp, cls in zip(stored, result.logprobs, classes):
-                for name in (cls, "all"):
-                    entry = sums[(context, name)]
-                    entry[0] += 1
-                    entry[1] += lp - old
-                    entry[2] += lp
-                if context == "student_prompt":
-                    drift = max(drift, abs(lp - teacher_stored))
+            add(context, stored, result.logprobs, classes)
+            if context == "student_prompt":
+                drift = max(drift or 0.0, *(abs(lp - s[3]) for lp, s in zip(result.logprobs, stored)))
+            else:  # the stage's own scores of these turns, in the student's context
+                add("student_prompt_stored", stored, [s[3] for s in stored], classes)
         print(f"{context}: scored in {time.perf_counter() - started:.0f} s", flush=True)
-    print(f"largest difference from the stored teacher log-probs (student prompt): {drift:.3f}")
+    if drift is not None:
+        print(f"largest difference from the stored teacher log-probs (student prompt): {drift:.3f}")
 
     # The teacher's top tokens at the last token of stopped actions, in the student's context.
     stopped = [(r, t) for _, r, t in turns if t.endswith("<end_code>")][:8]
