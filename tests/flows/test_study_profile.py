@@ -39,7 +39,7 @@ def test_the_study_profile_runs_end_to_end_at_a_tiny_scale(tmp_path, home):
         f"train={{base_model: qwen2.5-coder-0.5b-instruct, checkpoint_every: 100, {tiny_lora[1:-1]}}}",
         f"cot_student.train={{base_model: qwen2.5-coder-0.5b-instruct, {tiny_lora[1:-1]}}}",
         'evaluate.datasets=[{name: arith, source: "builtin:arith", split: test, kind: math, num_questions: 1}]',
-        "evaluate.agent.max_steps=1", "evaluate.agent.max_new_tokens=96", "evaluate.cot_max_new_tokens=128",
+        "evaluate.agent.max_steps=1", "evaluate.agent.max_new_tokens=64", "evaluate.cot_max_new_tokens=64",
         "evaluate.sag.n=2",
         # The profile's rows but the on-policy ones (agent-opd, agent-opd+sag): scoring with the 1.5B teacher on
         # transformers and two updates of the 0.5B would add minutes; tests/flows/test_opd_stage.py runs the
