@@ -33,19 +33,17 @@ class _Reader:
     def __init__(self, handle: BinaryIO, path: Path):
         self.handle, self.path = handle, path
 
-    def scalar(self, fmt: str):
-        size = struct.calcsize(fmt)
+    def exact(self, size: int) -> bytes:
         data = self.handle.read(size)
         if len(data) != size:
             raise ValueError(f"{self.path}: the GGUF header ends early")
-        return struct.unpack(fmt, data)[0]
+        return data
+
+    def scalar(self, fmt: str):
+        return struct.unpack(fmt, self.exact(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
-        size = self.scalar("<Q")
-        data = self.handle.read(size)
-        if len(data) != size:
-            raise ValueError(f"{self.path}: the GGUF header ends early")
-        return data.decode("utf-8", "replace")
+        return self.exact(self.scalar("<Q")).decode("utf-8", "replace")
 
     def value(self, kind: int):
         if kind in SCALARS:
